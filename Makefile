@@ -1,0 +1,59 @@
+# fastclr — the README's commands. Everything a fresh machine needs is installed from here.
+#   make install   apt packages (when root) + .venv with pinned torch + fastclr[dali,ffcv,dev,peers]
+#   make demo      the embedded default run: SimCLR on Fashion-MNIST, ~5 min on 2 CPU cores
+#   make test      the CPU test suite (GPU tests: pytest -m gpu, or benchmarks/gpu_suite.sh)
+#   make bench     images/sec per stage and backend, with peers measured in the same run
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision are pinned: these builds are on the local pip cache of our machines; any other
+# version downloads several GB.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+APT_PKGS := libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist
+# The stamp is keyed on setup.py and this Makefile: a second `make install` does nothing.
+STAMP := $(VENV)/.fastclr-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench semisup apt gpu-carry clean
+
+install: $(STAMP)
+
+apt:
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
+	    (apt-get install -y -qq $$missing || (apt-get update -qq && apt-get install -y -qq $$missing)); fi; \
+	else \
+	  for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || { \
+	    echo "fastclr needs system packages. Run as root: apt-get install -y $(APT_PKGS)"; \
+	    echo "(FFCV builds against libturbojpeg/opencv; the demo data set is dataset-fashion-mnist.)"; exit 1; }; done; \
+	fi
+
+$(STAMP): setup.py Makefile
+	@$(MAKE) --no-print-directory apt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	# numpy/pkgconfig first: ffcv's setup.py needs them to build its C extension.
+	$(BIN)/pip install -q numpy pkgconfig setuptools wheel
+	$(BIN)/pip install -q --no-build-isolation -e '.[dali,ffcv,dev,peers,plot]' $(TORCH_PINS)
+	@touch $@
+
+demo: install
+	$(BIN)/torchrun --standalone --nproc_per_node=1 fastclr/pretrain.py
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/throughput.py
+
+semisup: install
+	bash benchmarks/semisup.sh
+
+gpu-carry: install
+	bash benchmarks/gpu_carry.sh gpu_carry
+
+clean:
+	rm -rf $(VENV) *.egg-info build .pytest_cache

@@ -1,0 +1,147 @@
+"""Shared pieces of every backend: the Batch type, the loader config, image listing with the one
+label mapping (sorted class folder names), file lists, and exact per-rank epoch sharding."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+class Batch(NamedTuple):
+    """One training batch. ``views``: list of [B, 3, H, W] tensors on the training device,
+    channels_last, in the training dtype. ``labels``: int64 [B] or None."""
+    views: list
+    labels: Optional[object]
+
+
+@dataclass
+class LoaderConfig:
+    """What a backend needs to know besides the AugmentSpec. Also the ``data`` config section."""
+    backend: str = "torch"            # torch | dali | ffcv
+    path: str = ""                    # ImageFolder root (torch, dali) or .beton file (ffcv); "" = demo set
+    file_list: Optional[str] = None   # optional list of files to use (see read_file_list)
+    augment: str = "simclr"           # AugmentSpec preset: simclr | finetune | eval
+    image_size: int = 224             # output side of every view
+    batch_size: int = 256             # per rank
+    num_workers: int = 2              # torch: DataLoader workers; dali: CPU threads; ffcv: workers
+    train: bool = True                # True: shuffle + drop the last partial batch
+    seed: int = 0                     # base seed; per-rank and per-epoch seeds derive from it
+    dtype: str = "float32"            # training dtype of the views: float32 | bfloat16 | float16
+    decode_device: str = "cpu"        # torch backend: cpu (worker decode) or cuda (nvJPEG)
+    photometry_device: str = "auto"   # where colour ops run: auto (= the training device) | cpu
+    # DALI
+    dali_photometry: str = "torch"    # torch (shared augment.py) | dali (native DALI ops)
+    dali_roi_decode: bool = False     # True: fn.decoders.image_random_crop once per view
+    hw_decoder_load: float = 0.65     # share of JPEG decoding on the A100/H100 hardware decoder
+    device_memory_padding: int = 211025920
+    host_memory_padding: int = 140544512
+    dali_prefetch: int = 2
+    # FFCV
+    ffcv_order: str = "random"        # random | quasi_random
+    os_cache: bool = True
+    batches_ahead: int = 3
+
+
+def parse_dtype(name: str):
+    import torch
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+    return table[name]
+
+
+def find_classes(root: str | os.PathLike) -> List[str]:
+    """Sorted class folder names: the one label mapping shared by every backend and the converter."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {root}: expected ImageFolder layout root/<class>/<image>")
+    return classes
+
+
+def list_image_folder(root: str | os.PathLike) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """(samples, classes): samples are (absolute path, label), sorted by class then file name."""
+    root = Path(root)
+    classes = find_classes(root)
+    samples = []
+    for label, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / c, followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), label))
+    if not samples:
+        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
+    return samples, classes
+
+
+def read_file_list(list_path: str | os.PathLike, root: str | os.PathLike) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """Samples from a list file, labelled with the ImageFolder mapping of ``root``.
+
+    Each non-empty line is ``relative/path [label]`` (the format ``loaders.validate`` writes and DALI
+    reads). Without a label the class is the path's first folder. Lines starting with # are comments.
+    """
+    classes = find_classes(root)
+    index = {c: i for i, c in enumerate(classes)}
+    samples, bad = [], []
+    for n, line in enumerate(Path(list_path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            rel, label = parts[0], int(parts[1])
+        else:
+            rel = line
+            cls = Path(rel).parts[0] if len(Path(rel).parts) > 1 else None
+            if cls not in index:
+                bad.append(f"line {n}: {rel!r} has no label and no class folder of {root}")
+                continue
+            label = index[cls]
+        samples.append((os.path.join(root, rel), label))
+    if bad:
+        raise ValueError(f"{len(bad)} unusable lines in {list_path}, e.g. {bad[0]}")
+    if not samples:
+        raise ValueError(f"file list {list_path} is empty")
+    return samples, classes
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A distinct 63-bit seed per (seed, epoch, rank)."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(rank)])
+    return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def shard_indices(n: int, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """This rank's sample indices for one epoch: a disjoint 1/world_size of one global permutation
+    (same on every rank). The global remainder n % world_size is dropped so ranks stay equal."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+    if shuffle:
+        order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(n)
+    else:
+        order = np.arange(n)
+    per_rank = n // world_size
+    return order[rank * per_rank:(rank + 1) * per_rank]
+
+
+def steps_per_epoch(n: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    per_rank = n // world_size
+    return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+
+
+def check_batch_fits(n: int, world_size: int, batch_size: int, where: str) -> None:
+    if n // world_size < batch_size:
+        raise ValueError(f"{where}: {n} images over {world_size} rank(s) is fewer than one batch of {batch_size}; "
+                         f"lower data.batch_size")
+
+
+def view_shapes(spec_views: int, batch: int, size: int) -> Sequence[Tuple[int, int, int, int]]:
+    return [(batch, 3, size, size)] * spec_views

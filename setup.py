@@ -1,0 +1,48 @@
+"""fastclr: SimCLRv2 in PyTorch, built around data-loading throughput.
+
+Two packages are installed: ``fastclr`` (models, losses, optimizer, entry points) and ``loaders``
+(augment recipes and the torch / DALI / FFCV data backends). ``loaders`` never imports ``fastclr``.
+"""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', Path(__file__).with_name("fastclr").joinpath("__init__.py").read_text()).group(1)
+
+extras = {
+    # DALI wheels are per CUDA major version: cuda130 needs a driver for CUDA 13 (>= 580).
+    # For older drivers install nvidia-dali-cuda120 instead (see README, "Installing DALI").
+    "dali": ["nvidia-dali-cuda130"],
+    # ffcv builds from source against libturbojpeg + opencv (apt: libturbojpeg0-dev libopencv-dev
+    # pkg-config); the rest is what its loaders import at run time.
+    "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless", "terminaltables", "pytorch_pfn_extras", "fastprogress", "psutil", "assertpy"],
+    "dev": ["pytest>=8", "hypothesis", "ruff"],
+    # Peers, used only by benchmarks/throughput.py as a same-run baseline.
+    "peers": ["lightly"],
+    "plot": ["matplotlib"],
+}
+
+setup(
+    name="fastclr",
+    version=VERSION,
+    description="SimCLRv2 (pretrain, fine-tune, distill) in PyTorch with GPU-side data loading",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fastclr", "fastclr.*", "loaders", "loaders.*"]),
+    install_requires=["torch", "torchvision", "numpy", "pillow", "tqdm"],
+    extras_require=extras,
+    entry_points={
+        "console_scripts": [
+            "fastclr-pretrain=fastclr.pretrain:main",
+            "fastclr-finetune=fastclr.finetune:main",
+            "fastclr-distill=fastclr.distill:main",
+            "fastclr-linear-eval=fastclr.linear_eval:main",
+            "fastclr-export=fastclr.export:main",
+            "fastclr-write-ffcv=loaders.write_ffcv:main",
+            "fastclr-validate=loaders.validate:main",
+        ]
+    },
+)
