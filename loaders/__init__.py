@@ -39,14 +39,22 @@ def available(name: str) -> tuple[bool, str]:
     return True, ""
 
 
+def spec_from_config(cfg: LoaderConfig) -> AugmentSpec:
+    """The AugmentSpec a LoaderConfig asks for (preset + size, and for simclr its strength and blur)."""
+    if cfg.augment == "simclr":
+        return preset("simclr", size=cfg.image_size, strength=cfg.jitter_strength,
+                      blur_p=0.5 if cfg.blur else 0.0)
+    return preset(cfg.augment, size=cfg.image_size)
+
+
 def build(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, device="cpu", spec: AugmentSpec | None = None):
-    """Build the loader ``cfg.backend`` for this rank. ``spec`` defaults to ``preset(cfg.augment, cfg.image_size)``."""
+    """Build the loader ``cfg.backend`` for this rank. ``spec`` defaults to ``spec_from_config(cfg)``."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"unknown data.backend {cfg.backend!r}; choose one of {sorted(BACKENDS)}")
     ok, why = available(cfg.backend)
     if not ok:
         raise RuntimeError(f"backend {cfg.backend!r} unavailable: {why}")
     if spec is None:
-        spec = preset(cfg.augment, size=cfg.image_size)
+        spec = spec_from_config(cfg)
     module, fn = BACKENDS[cfg.backend]
     return getattr(importlib.import_module(module), fn)(cfg, spec, rank=rank, world_size=world_size, device=device)

@@ -3,7 +3,7 @@ label mapping (sorted class folder names), file lists, and exact per-rank epoch 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -19,32 +19,42 @@ class Batch(NamedTuple):
     labels: Optional[object]
 
 
+def _f(default, help, choices=None):
+    """A dataclass field with a one-line help (shown by --help) and optional allowed values."""
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class LoaderConfig:
     """What a backend needs to know besides the AugmentSpec. Also the ``data`` config section."""
-    backend: str = "torch"            # torch | dali | ffcv
-    path: str = ""                    # ImageFolder root (torch, dali) or .beton file (ffcv); "" = demo set
-    file_list: Optional[str] = None   # optional list of files to use (see read_file_list)
-    augment: str = "simclr"           # AugmentSpec preset: simclr | finetune | eval
-    image_size: int = 224             # output side of every view
-    batch_size: int = 256             # per rank
-    num_workers: int = 2              # torch: DataLoader workers; dali: CPU threads; ffcv: workers
-    train: bool = True                # True: shuffle + drop the last partial batch
-    seed: int = 0                     # base seed; per-rank and per-epoch seeds derive from it
-    dtype: str = "float32"            # training dtype of the views: float32 | bfloat16 | float16
-    decode_device: str = "cpu"        # torch backend: cpu (worker decode) or cuda (nvJPEG)
-    photometry_device: str = "auto"   # where colour ops run: auto (= the training device) | cpu
+    backend: str = _f("torch", "data backend", ("torch", "dali", "ffcv"))
+    path: str = _f("", "ImageFolder root (torch, dali) or .beton file (ffcv); empty = the Fashion-MNIST demo set")
+    file_list: Optional[str] = _f(None, "optional list file of images to use ('relpath [label]' per line)")
+    augment: str = _f("simclr", "augment recipe preset", ("simclr", "finetune", "eval"))
+    image_size: int = _f(224, "output side of every view, pixels")
+    batch_size: int = _f(256, "images per rank per step")
+    num_workers: int = _f(2, "torch: DataLoader workers; dali: CPU threads; ffcv: workers")
+    train: bool = _f(True, "shuffle and drop the last partial batch")
+    seed: int = _f(0, "base seed; per-rank and per-epoch seeds derive from it")
+    dtype: str = _f("float32", "dtype of the views", ("float32", "bfloat16", "float16"))
+    decode_device: str = _f("cpu", "torch backend: decode JPEGs on cpu workers or cuda (nvJPEG)", ("cpu", "cuda"))
+    photometry_device: str = _f("auto", "where colour ops run: auto (the training device) or cpu", ("auto", "cpu"))
+    jitter_strength: float = _f(1.0, "colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)")
+    blur: bool = _f(True, "gaussian blur p=0.5 (TF turns it off for 32px CIFAR-like data)")
     # DALI
-    dali_photometry: str = "torch"    # torch (shared augment.py) | dali (native DALI ops)
-    dali_roi_decode: bool = False     # True: fn.decoders.image_random_crop once per view
-    hw_decoder_load: float = 0.65     # share of JPEG decoding on the A100/H100 hardware decoder
-    device_memory_padding: int = 211025920
-    host_memory_padding: int = 140544512
-    dali_prefetch: int = 2
+    dali_photometry: str = _f("torch", "dali: colour ops in torch (shared augment.py) or native DALI ops", ("torch", "dali"))
+    dali_roi_decode: bool = _f(False, "dali: ROI-decode each view (image_random_crop) instead of decode once")
+    hw_decoder_load: float = _f(0.65, "dali: share of JPEG decoding on the A100/H100 hardware decoder")
+    device_memory_padding: int = _f(211025920, "dali: nvJPEG device buffer preallocation, bytes")
+    host_memory_padding: int = _f(140544512, "dali: nvJPEG pinned host buffer preallocation, bytes")
+    dali_prefetch: int = _f(2, "dali: prefetch queue depth")
     # FFCV
-    ffcv_order: str = "random"        # random | quasi_random
-    os_cache: bool = True
-    batches_ahead: int = 3
+    ffcv_order: str = _f("random", "ffcv: sample order", ("random", "quasi_random"))
+    os_cache: bool = _f(True, "ffcv: read the .beton through the OS page cache (False: FFCV's own cache)")
+    batches_ahead: int = _f(3, "ffcv: batches prepared ahead")
 
 
 def parse_dtype(name: str):

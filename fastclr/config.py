@@ -1,0 +1,376 @@
+"""Typed dataclass configs with nested sections, named presets and ``--section.key=value`` overrides.
+
+    cfg = parse(PretrainConfig, sys.argv[1:], PRETRAIN_PRESETS, prog="pretrain.py")
+    # argv: [PRESET] [--optim.lr=4.8] [--run.out_dir runs/x] [--help]
+
+Rules (one-line errors for everything a user can get wrong):
+* an unknown key is an error that suggests the closest field (``--optim.lrr`` -> ``--optim.lr``);
+* values are converted to the field's declared type: int -> float allowed, ``none`` for Optional,
+  bools as true/false/1/0/yes/no, tuples as comma lists; a wrong type names the field and the type;
+* fields with ``choices`` accept only those;
+* presets only assign fields, through the same checked setter as the command line;
+* derived values (the scaled learning rate, steps per epoch) are computed where used, never written
+  back into the config: the JSON dump is exactly what the user asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from loaders.common import LoaderConfig
+
+
+class ConfigError(ValueError):
+    """A user error in the config or command line; its message is one line."""
+
+
+def _f(default, help: str, choices=None):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    name: str = _f("", "model preset (r50_1x_sk0, r152_3x_sk1, ...): sets depth/width/sk_ratio; empty = use them")
+    depth: int = _f(50, "ResNet depth", (18, 34, 50, 101, 152, 200))
+    width: int = _f(1, "width multiplier", (1, 2, 3))
+    sk_ratio: float = _f(0.0, "selective kernels: 0 (off) or 0.0625 (SimCLRv2 SK)")
+    cifar_stem: bool = _f(False, "3x3 stride-1 stem without max-pool, for 32px images")
+    num_proj_layers: int = _f(3, "projection head layers (SimCLRv2: 3)")
+    proj_out_dim: int = _f(128, "projection output dimension")
+    ft_proj_selector: int = _f(1, "fine-tune from the output of head layer k (0 = backbone)")
+    channels_last: bool = _f(True, "run the model in channels_last memory format")
+    sync_bn: bool = _f(True, "global BatchNorm across ranks (SyncBatchNorm) when distributed")
+    compile: bool = _f(False, "torch.compile the model")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = _f("lars", "optimizer", ("lars", "sgd", "adamw"))
+    lr: Optional[float] = _f(None, "absolute learning rate; none = base_lr scaled by lr_scaling")
+    base_lr: float = _f(0.075, "base learning rate before batch scaling (sqrt: 0.075, linear: 0.3)")
+    lr_scaling: str = _f("sqrt", "lr = base_lr*sqrt(B) or base_lr*B/256 (B = global batch)", ("sqrt", "linear"))
+    weight_decay: float = _f(1e-4, "weight decay (BN and bias excluded)")
+    momentum: float = _f(0.9, "momentum")
+    eta: float = _f(0.001, "LARS trust coefficient")
+    lars_mode: str = _f("tf", "tf: official TF LARS; torch: common PyTorch variant", ("tf", "torch"))
+    warmup_epochs: float = _f(10.0, "linear warmup epochs")
+    epochs: int = _f(800, "training epochs")
+    global_batch_size: int = _f(4096, "images per step over all ranks (per-rank batch = this / world)")
+    grad_accum: int = _f(1, "gradient accumulation steps (per-rank batch = global / world / accum)")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = _f(0.1, "NT-Xent temperature")
+    chunk_size: Optional[int] = _f(None, "memory-lean NT-Xent column chunk; none = automatic")
+    queue_size: int = _f(0, "memory queue negatives (0 = off; paper: 65536)")
+    queue_momentum: float = _f(0.999, "EMA momentum of the queue encoder")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = _f("runs/pretrain", "run directory: config.json, log.jsonl, checkpoints")
+    seed: int = _f(0, "global seed (each rank derives its own)")
+    device: str = _f("auto", "auto (cuda if available), cuda or cpu", ("auto", "cuda", "cpu"))
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", ("auto", "fp32", "bf16", "fp16"))
+    max_steps: Optional[int] = _f(None, "stop after this many steps (none = all epochs)")
+    log_every: int = _f(20, "steps between logs (the only host syncs of the loop)")
+    ckpt_every: int = _f(1000, "steps between checkpoints (and one at the end)")
+    keep_last: int = _f(3, "checkpoints kept")
+    resume: str = _f("", "'' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path")
+    deterministic: bool = _f(False, "deterministic algorithms (CPU exact-resume tests)")
+    knn_eval: bool = _f(True, "k-NN top-1 on the val set at the end (trained vs random init)")
+    val_path: str = _f("", "val ImageFolder for k-NN (empty: the demo val set when data.path is empty)")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class PretrainConfig:
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ----------------------------------------------------------------------------- presets
+# A preset only assigns fields; it is applied through the same checked setter as the command line.
+_IMAGENET = {
+    "data.image_size": 224, "data.augment": "simclr", "data.dtype": "bfloat16", "data.num_workers": 8,
+    "optim.global_batch_size": 4096, "optim.base_lr": 0.075, "optim.lr_scaling": "sqrt",
+    "optim.weight_decay": 1e-4, "optim.momentum": 0.9, "optim.warmup_epochs": 10, "optim.epochs": 800,
+    "loss.temperature": 0.1, "model.num_proj_layers": 3, "model.sync_bn": True,
+    "run.out_dir": "runs/imagenet", "run.ckpt_every": 2500,
+}
+PRETRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
+    "imagenet_r50_1x": {**_IMAGENET, "model.name": "r50_1x_sk0"},
+    "imagenet_r50_1x_sk1": {**_IMAGENET, "model.name": "r50_1x_sk1"},
+    "imagenet_r101_2x_sk1": {**_IMAGENET, "model.name": "r101_2x_sk1"},
+    "imagenet_r152_3x_sk1": {**_IMAGENET, "model.name": "r152_3x_sk1"},
+    # The embedded default: Fashion-MNIST at 32px, a small ResNet, ~5 minutes on 2 CPU cores.
+    "demo_cpu": {
+        "data.path": "", "data.image_size": 32, "data.augment": "simclr", "data.blur": False,
+        "data.jitter_strength": 0.5, "data.batch_size": 256, "data.num_workers": 2, "data.dtype": "float32",
+        "model.depth": 18, "model.width": 1, "model.cifar_stem": True,
+        "optim.global_batch_size": 256, "optim.base_lr": 0.3, "optim.lr_scaling": "linear",
+        "optim.weight_decay": 1e-6, "optim.warmup_epochs": 0.1, "optim.epochs": 1,
+        "loss.temperature": 0.2, "run.out_dir": "runs/demo", "run.device": "cpu", "run.precision": "fp32",
+        "run.log_every": 10, "run.ckpt_every": 200,
+    },
+}
+
+
+# ----------------------------------------------------------------------------- machinery
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or none"
+    if origin in (tuple, Tuple):
+        return "comma list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str):
+    """Convert ``value`` (a CLI string or a Python value from a preset/JSON) to type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        try:
+            return _coerce(value, args[0], key)
+        except ConfigError:
+            raise ConfigError(f"--{key}: expected {_type_name(tp)}, got {value!r}") from None
+    if origin in (tuple, Tuple):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        args = typing.get_args(tp)
+        if len(items) != len(args):
+            raise ConfigError(f"--{key}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(items, args))
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            s = str(value).strip().lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value).strip())
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # int -> float allowed
+        if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{key}: expected {_type_name(tp)}, got {value!r}") from None
+    raise ConfigError(f"--{key}: unsupported field type {tp}")
+
+
+def _fields(obj_or_cls, prefix: str = "") -> List[Tuple[str, dataclasses.Field, Any]]:
+    """Flattened (dotted key, field, type) for every leaf field."""
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    hints = _hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _fields(tp, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, f, tp))
+    return out
+
+
+def keys(cfg_or_cls) -> List[str]:
+    return [k for k, _, _ in _fields(cfg_or_cls)]
+
+
+def set_value(cfg, key: str, value: Any) -> None:
+    """Set dotted ``key`` on ``cfg`` with type coercion, choices and unknown-key checks."""
+    table = {k: (f, tp) for k, f, tp in _fields(cfg)}
+    if key not in table:
+        close = difflib.get_close_matches(key, list(table), n=1, cutoff=0.5)
+        if not close:  # maybe the section was right but the leaf name was mistyped, or vice versa
+            leaf = key.rsplit(".", 1)[-1]
+            close = [k for k in table if k.rsplit(".", 1)[-1] == leaf][:1]
+        hint = f"; did you mean --{close[0]}?" if close else "; see --help for the list of options"
+        raise ConfigError(f"unknown option --{key}{hint}")
+    f, tp = table[key]
+    v = _coerce(value, tp, key)
+    choices = f.metadata.get("choices")
+    if choices and v is not None and v not in choices:
+        raise ConfigError(f"--{key}: {v!r} is not one of {', '.join(map(str, choices))}")
+    obj = cfg
+    *path, leaf = key.split(".")
+    for p in path:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, v)
+
+
+def get_value(cfg, key: str) -> Any:
+    obj = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def apply_preset(cfg, name: str, presets: Dict[str, Dict[str, Any]]) -> None:
+    if name not in presets:
+        close = difflib.get_close_matches(name, list(presets), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint} (presets: {', '.join(sorted(presets))})")
+    for k, v in presets[name].items():
+        set_value(cfg, k, v)
+
+
+def help_text(cls, presets: Dict[str, Dict[str, Any]], prog: str, description: str = "") -> str:
+    lines = [f"usage: {prog} [PRESET] [--section.key=value ...]", ""]
+    if description:
+        lines += [description.strip(), ""]
+    if presets:
+        lines.append("presets (a preset only assigns fields; later --key=value overrides win):")
+        for name, p in presets.items():
+            lines.append(f"  {name:<24} {len(p)} fields, e.g. " + ", ".join(f"{k}={v}" for k, v in list(p.items())[:3]))
+        lines.append("")
+    lines.append("options (default in brackets):")
+    default = cls()
+    section = None
+    for key, f, tp in _fields(cls):
+        sec = key.split(".")[0] if "." in key else ""
+        if sec != section:
+            section = sec
+            lines.append(f"  [{sec}]")
+        d = get_value(default, key)
+        choices = f.metadata.get("choices")
+        extra = f" {{{','.join(map(str, choices))}}}" if choices else ""
+        lines.append(f"    --{key}={_fmt(d)!s:<14} {f.metadata.get('help', '')} ({_type_name(tp)}){extra}")
+    lines += ["", "Values: bools true/false/1/0, none for optional fields, tuples as a,b. "
+              "Unknown options are errors."]
+    return "\n".join(lines)
+
+
+def _fmt(v):
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, tuple):
+        return ",".join(map(str, v))
+    return v
+
+
+class HelpRequested(Exception):
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+def parse_into(cfg, argv: List[str], presets: Dict[str, Dict[str, Any]], prog: str = "fastclr", description: str = ""):
+    """Apply ``[PRESET] [--k=v | --k v ...]`` to ``cfg`` in place and return it.
+    Raises HelpRequested(text) for -h/--help, ConfigError for bad input."""
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        raise HelpRequested(help_text(type(cfg), presets, prog, description))
+    if argv and not argv[0].startswith("-"):
+        apply_preset(cfg, argv.pop(0), presets)
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("--") or a == "--":
+            raise ConfigError(f"unexpected argument {a!r}: options look like --section.key=value "
+                              f"(a preset name may only come first)")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+            i += 1
+        else:
+            k = a[2:]
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{k}: missing value (write --{k}=VALUE)")
+            v = argv[i + 1]
+            i += 2
+        set_value(cfg, k, v)
+    return cfg
+
+
+def parse(cls, argv: Optional[List[str]] = None, presets: Optional[Dict[str, Dict[str, Any]]] = None,
+          prog: str = "fastclr", description: str = ""):
+    """CLI entry: returns a config, or prints help / a one-line error and exits (0 / 2)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return parse_into(cls(), argv, presets or {}, prog, description)
+    except HelpRequested as h:
+        print(h.text)
+        raise SystemExit(0)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: Dict[str, Any], strict: bool = True):
+    """Rebuild a config from ``to_dict`` output (e.g. a checkpoint's config). Unknown keys are errors
+    when ``strict``, else ignored (reading a checkpoint written by another version)."""
+    cfg = cls()
+    flat = _flatten(d)
+    known = set(keys(cls))
+    for k, v in flat.items():
+        if k not in known and not strict:
+            continue
+        set_value(cfg, k, v)
+    return cfg
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def save_json(cfg, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (tmp + os.replace)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(to_dict(cfg), fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
