@@ -1,0 +1,451 @@
+"""The ``torch`` backend: a torch DataLoader over an ImageFolder (or a file list) -> loaders.augment.
+
+Two paths, one recipe (augment.py), same crops for the same seed:
+
+* **CPU decode** (``cfg.decode_device == "cpu"``): each DataLoader worker reads, decodes (OpenCV,
+  PIL fallback) and cuts the K views of a whole batch in uint8 with ``augment.geometry`` into one
+  ``[B, K, S, S, 3]`` array (no collate copy). Colour ops (``augment.finish_views``): on a CUDA
+  training device the main process pins the uint8 batch, copies it on a side stream one batch ahead
+  and runs them on the GPU; on the CPU (training device cpu, or photometry_device=cpu) the workers
+  run them single-threaded next to the decode (num_workers=0: the main process does everything).
+* **GPU decode** (``cfg.decode_device == "cuda"``): workers only read the bytes and parse the
+  header to sample the crop boxes; the main process decodes the batch with nvJPEG
+  (``torchvision.io.decode_jpeg(list, device="cuda")``), crops and resizes each image on the GPU
+  (bicubic, no antialias, like the CPU path) and runs ``finish_views``. Files that are not plain
+  JPEGs (PNG named .JPEG, CMYK, ...) are decoded on the CPU by the worker instead.
+
+Randomness: the geometry of the sample at position ``pos`` of this rank's epoch shard uses
+``np.random.default_rng([seed, epoch, rank, pos])``; the colour ops of batch ``b`` use a
+torch.Generator seeded from (seed, epoch, rank, b) on the device that runs them. So batches are
+reproducible from ``cfg.seed`` whatever the worker count (CPU and CUDA generators differ).
+
+Bad files: a file that cannot be read or decoded (truncated, empty, not an image) is replaced by the
+next readable sample of the shard (deterministic), so every batch stays full. The first few per
+epoch are logged by name; ``loader.bad_files`` ([(path, reason)]) and ``loader.num_skipped`` report
+the last epoch, and one summary line is logged at its end. Readable odd files (CMYK, PNG named
+.JPEG, grayscale, 1x1, 6000x4000) are converted to RGB and used.
+
+Debug hook shared with the other backends' contract test: ``loader.last_indices`` is the int64 array
+of dataset indices (into ``loader.samples``) of the batch last yielded (before bad-file
+replacement); ``loader.epoch_indices(e)`` the ordered indices epoch ``e`` visits on this rank.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import augment
+from .common import (
+    Batch,
+    LoaderConfig,
+    check_batch_fits,
+    list_image_folder,
+    parse_dtype,
+    read_file_list,
+    shard_indices,
+    steps_per_epoch,
+)
+from .spec import AugmentSpec
+
+try:
+    import cv2
+except Exception:  # pragma: no cover - OpenCV missing: PIL decodes
+    cv2 = None
+
+log = logging.getLogger(__name__)
+
+MAX_WARNINGS_PER_EPOCH = 5   # bad files named in the log per epoch; the rest only counted
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding (worker side)
+# ----------------------------------------------------------------------------------------------
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> HxWx3 uint8 RGB. OpenCV first (~1.6x faster than PIL on JPEG here,
+    EXIF orientation ignored like TF and PIL), PIL for whatever OpenCV refuses; PIL's error
+    (e.g. "image file is truncated") is the reason reported for a bad file."""
+    if not data:
+        raise ValueError("empty file")
+    if cv2 is not None:
+        flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
+        buf = np.frombuffer(data, np.uint8)
+        if flag is not None:
+            img = cv2.imdecode(buf, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+        else:  # OpenCV < 4.10: decode BGR and swap
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+            img = None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        if img is not None and img.size:
+            return img
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return np.asarray(im.convert("RGB"))
+
+
+def _is_plain_jpeg(data: bytes) -> Tuple[bool, Optional[Tuple[int, int]]]:
+    """(nvJPEG can take it, (height, width)) from the header alone: a JPEG (SOI ... EOI) in RGB or
+    grayscale. Anything else - PNG, CMYK, truncated (no EOI) - goes to the CPU decoder."""
+    if len(data) < 4 or data[:2] != b"\xff\xd8" or b"\xff\xd9" not in data[-64:]:
+        return False, None
+    try:
+        from PIL import Image
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                return False, None
+            w, h = im.size
+            return True, (h, w)
+    except Exception:
+        return False, None
+
+
+def photometry_generator(seed: int, epoch: int, rank: int, batch: int, device) -> torch.Generator:
+    """The colour ops' random stream of one batch: a function of (seed, epoch, rank, batch) only,
+    so results do not depend on the worker count or on where the ops run (the CPU and CUDA
+    generators produce different streams, though)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(rank), int(batch), 0x5EED])
+                      .generate_state(1, np.uint64)[0] >> np.uint64(1)))
+    return g
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:200]
+
+
+class _PathTable:
+    """Paths as one bytes buffer + offsets: forked workers read it without touching Python object
+    refcounts, so copy-on-write does not duplicate a 1.28M-entry list of str in every worker."""
+
+    def __init__(self, paths):
+        enc = [os.fsencode(p) for p in paths]
+        self.buf = np.frombuffer(b"".join(enc), np.uint8)
+        self.off = np.zeros(len(enc) + 1, np.int64)
+        np.cumsum([len(e) for e in enc], out=self.off[1:])
+
+    def __len__(self) -> int:
+        return len(self.off) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return os.fsdecode(self.buf[self.off[i]:self.off[i + 1]].tobytes())
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Item ``(epoch, batch_no)`` -> one whole batch (the sampler yields batch keys, so a worker
+    builds the batch array in place and returns it without a collate copy)."""
+
+    def __init__(self, samples, spec: AugmentSpec, seed: int, rank: int, world_size: int, batch_size: int,
+                 shuffle: bool, bytes_only: bool, photometry_dtype: Optional[torch.dtype] = None):
+        self.photometry_dtype = photometry_dtype   # set: run finish_views here (CPU photometry)
+        self.paths = _PathTable([p for p, _ in samples])
+        self.labels = np.asarray([label for _, label in samples], np.int64)
+        self.spec, self.seed, self.rank, self.world_size = spec, seed, rank, world_size
+        self.batch_size, self.shuffle, self.bytes_only = batch_size, shuffle, bytes_only
+        self._shard_epoch, self._shard = None, None
+        self._known_bad: Dict[int, str] = {}   # per worker: index -> reason (skip re-decoding)
+
+    def shard(self, epoch: int) -> np.ndarray:
+        if self._shard_epoch != epoch:
+            self._shard = shard_indices(len(self.paths), self.rank, self.world_size, epoch, self.seed, self.shuffle)
+            self._shard_epoch = epoch
+        return self._shard
+
+    def rng(self, epoch: int, pos: int) -> np.random.Generator:
+        return np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch), int(self.rank), int(pos)])
+
+    def _load(self, idx: int):
+        """Decoded RGB image (CPU path) or (bytes or decoded image, (h, w)) (bytes path); raises."""
+        if idx in self._known_bad:
+            raise OSError(self._known_bad[idx])
+        try:
+            with open(self.paths[idx], "rb") as f:
+                data = f.read()
+            if not self.bytes_only:
+                return decode_rgb(data)
+            ok, hw = _is_plain_jpeg(data)
+            if ok:
+                return np.frombuffer(data, np.uint8), hw
+            img = decode_rgb(data)  # not for nvJPEG: decode here, ship the pixels
+            return img, img.shape[:2]
+        except Exception as e:
+            self._known_bad[idx] = _reason(e)
+            raise
+
+    def __getitem__(self, key):
+        epoch, b = key
+        shard = self.shard(epoch)
+        B, spec, K, S = self.batch_size, self.spec, self.spec.num_views, self.spec.size
+        positions = range(b * B, min((b + 1) * B, len(shard)))
+        n = len(positions)
+        index = shard[b * B: b * B + n].astype(np.int64)
+        used = np.empty(n, np.int64)
+        failed: List[Tuple[str, str]] = []
+        if self.bytes_only:
+            data, boxes, flips = [], np.zeros((n, K, 4), np.int64), np.zeros((n, K), bool)
+        else:
+            crops = np.empty((n, K, S, S, 3), np.uint8)
+        for i, pos in enumerate(positions):
+            item = None
+            for attempt in range(len(shard)):
+                idx = int(shard[(pos + attempt) % len(shard)])
+                try:
+                    item = self._load(idx)
+                    used[i] = idx
+                    break
+                except Exception as e:
+                    if attempt == 0:
+                        failed.append((self.paths[idx], self._known_bad.get(idx, _reason(e))))
+            if item is None:
+                raise RuntimeError(f"no readable image in the {len(shard)}-image shard of rank {self.rank}")
+            rng = self.rng(epoch, pos)  # the slot's stream, also for a replacement
+            if self.bytes_only:
+                payload, (h, w) = item
+                boxes[i] = augment.sample_crop_boxes(h, w, K, spec.crop, rng)
+                flips[i] = rng.random(K) < 0.5 if spec.flip else False
+                data.append(torch.from_numpy(payload if payload.flags.writeable else payload.copy()))
+            else:
+                crops[i] = augment.geometry(item, spec, rng)
+        out = {"labels": torch.from_numpy(self.labels[used]), "index": torch.from_numpy(index),
+               "used": torch.from_numpy(used), "failed": failed}
+        if self.bytes_only:
+            out.update(data=data, boxes=torch.from_numpy(boxes), flips=torch.from_numpy(flips))
+        elif self.photometry_dtype is not None:
+            out["views"] = augment.finish_views(torch.from_numpy(crops), spec, photometry_generator(
+                self.seed, epoch, self.rank, b, "cpu"), self.photometry_dtype)
+        else:
+            out["crops"] = torch.from_numpy(crops)
+        return out
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """Yields (epoch, batch_no) keys for the current epoch (read at iteration start, so set_epoch
+    works with persistent workers). Holds its own state, not the loader: a loader <-> DataLoader
+    reference cycle would leave worker shutdown to the cycle collector, which may close the
+    worker queues first and then wait 5 s per worker for a goodbye that cannot arrive."""
+
+    def __init__(self, steps: int):
+        self.epoch, self.steps = 0, steps
+
+    def __iter__(self):
+        e = self.epoch
+        return iter([(e, b) for b in range(self.steps)])
+
+    def __len__(self):
+        return self.steps
+
+
+def _worker_init(_):
+    # One thread per worker: the parallelism is the worker count (2 cores -> 2 workers).
+    torch.set_num_threads(1)
+    if cv2 is not None:
+        cv2.setNumThreads(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader (main process)
+# ----------------------------------------------------------------------------------------------
+
+def _resolve_samples(cfg: LoaderConfig):
+    root = cfg.path
+    if not root:  # "" = the embedded demo set
+        from .demo_data import prepare
+        root = str(prepare() / ("train" if cfg.train else "val"))
+    if cfg.file_list:
+        return read_file_list(cfg.file_list, root)
+    return list_image_folder(root)
+
+
+class TorchLoader:
+    """See the module docstring. ``len()`` = batches per epoch on this rank (exact)."""
+
+    def __init__(self, cfg: LoaderConfig, spec: AugmentSpec, rank: int = 0, world_size: int = 1, device="cpu",
+                 main_decode_device: Optional[str] = None):
+        """``main_decode_device``: where the main process decodes the bytes in the GPU-decode path;
+        default "cuda" when cfg.decode_device == "cuda", else None (workers decode). Tests pass
+        "cpu" to run the same bytes path without a GPU."""
+        if cfg.decode_device not in ("cpu", "cuda"):
+            raise ValueError(f"data.decode_device must be cpu or cuda, got {cfg.decode_device!r}")
+        if cfg.photometry_device not in ("auto", "cpu"):
+            raise ValueError(f"data.photometry_device must be auto or cpu, got {cfg.photometry_device!r}")
+        self.cfg, self.spec, self.rank, self.world_size = cfg, spec, rank, world_size
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(cfg.dtype)
+        if main_decode_device is None and cfg.decode_device == "cuda":
+            main_decode_device = "cuda"
+        if main_decode_device is not None and torch.device(main_decode_device).type == "cuda" \
+                and not torch.cuda.is_available():
+            raise RuntimeError("data.decode_device=cuda needs a CUDA GPU; use data.decode_device=cpu")
+        self.main_decode_device = None if main_decode_device is None else torch.device(main_decode_device)
+        self.samples, self.classes = _resolve_samples(cfg)
+        n = len(self.samples)
+        check_batch_fits(n, world_size, cfg.batch_size, "torch loader")
+        self._steps = steps_per_epoch(n, world_size, cfg.batch_size, drop_last=cfg.train)
+        # Colour ops run on the training device unless photometry_device=cpu (or the bytes path,
+        # whose pixels are already on the decode device).
+        if self.main_decode_device is not None:
+            self.photometry_device = self.main_decode_device
+        else:
+            self.photometry_device = self.device if cfg.photometry_device == "auto" else torch.device("cpu")
+        # CPU colour ops run in the workers (one thread each, next to the decode) when there are
+        # workers: on a small or busy CPU, multi-threaded ops in the main process stall on their
+        # OpenMP barriers (measured 3-10x slower on 2 shared cores); workers scale with their count.
+        self.photometry_in_workers = (self.photometry_device.type == "cpu" and self.main_decode_device is None
+                                      and cfg.num_workers > 0)
+        self.dataset = _BatchDataset(self.samples, spec, cfg.seed, rank, world_size, cfg.batch_size,
+                                     shuffle=cfg.train, bytes_only=self.main_decode_device is not None,
+                                     photometry_dtype=self.dtype if self.photometry_in_workers else None)
+        self._sampler = _EpochBatches(self._steps)
+        self.bad_files: List[Tuple[str, str]] = []
+        self.num_skipped = 0
+        self.last_indices: Optional[np.ndarray] = None
+        self._dl = None
+
+    def __len__(self) -> int:
+        return self._steps
+
+    @property
+    def epoch(self) -> int:
+        return self._sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self._sampler.epoch = int(epoch)
+
+    def epoch_indices(self, epoch: Optional[int] = None) -> np.ndarray:
+        """The dataset indices epoch ``epoch`` visits on this rank, in order (before bad-file
+        replacement; the dropped tail excluded)."""
+        e = self.epoch if epoch is None else int(epoch)
+        shard = shard_indices(len(self.samples), self.rank, self.world_size, e, self.cfg.seed, self.cfg.train)
+        return shard[: self._steps * self.cfg.batch_size]
+
+    def _dataloader(self):
+        if self._dl is None:
+            w = int(self.cfg.num_workers)
+            pin = self.device.type == "cuda" and self.main_decode_device is None  # H2D source
+            self._dl = torch.utils.data.DataLoader(
+                self.dataset, batch_size=None, sampler=self._sampler, num_workers=w,
+                pin_memory=pin, worker_init_fn=_worker_init if w > 0 else None,
+                persistent_workers=w > 0, prefetch_factor=2 if w > 0 else None)
+        return self._dl
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def _record_failures(self, failed) -> None:
+        for path, reason in failed:
+            self.bad_files.append((path, reason))
+            self.num_skipped += 1
+            if self.num_skipped <= MAX_WARNINGS_PER_EPOCH:
+                log.warning("skipping unreadable image %s (%s); replaced by the next readable sample",
+                            path, reason)
+            elif self.num_skipped == MAX_WARNINGS_PER_EPOCH + 1:
+                log.warning("more unreadable images this epoch: counting them silently (loader.bad_files)")
+
+    def _prefetched(self, it):
+        """Yield worker items with their tensors already on the device. On CUDA the copy of the
+        next batch runs on a side stream while the current one is consumed (timm's PrefetchLoader)."""
+        dev = self.device
+        if not (dev.type == "cuda" and self.main_decode_device is None
+                and (self.photometry_device.type == "cuda" or self.photometry_in_workers)):
+            yield from it  # nothing to copy ahead (CPU training, nvJPEG path, or CPU ops in-process)
+            return
+        stream = torch.cuda.Stream(device=dev)
+        prev = None
+        for item in it:
+            with torch.cuda.stream(stream):
+                moved = [item[k].to(dev, non_blocking=True) for k in ("crops", "labels") if k in item]
+                if "views" in item:  # photometry_device=cpu: finished views
+                    item["views"] = [v.to(dev, non_blocking=True) for v in item["views"]]
+                    moved += item["views"]
+                if "crops" in item:
+                    item["crops"], item["labels"] = moved[0], moved[1]
+                else:
+                    item["labels"] = moved[0]
+            if prev is not None:
+                yield prev
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            for t in moved:  # allocated on the side stream, used on the main one
+                t.record_stream(torch.cuda.current_stream(dev))
+            prev = item
+        if prev is not None:
+            yield prev
+
+    def __iter__(self):
+        self.bad_files, self.num_skipped = [], 0
+        epoch = self.epoch
+        for b, item in enumerate(self._prefetched(iter(self._dataloader()))):
+            self._record_failures(item["failed"])
+            self.last_indices = item["index"].numpy()
+            labels = item["labels"]
+            if "views" in item:  # colour ops done in the worker
+                views = item["views"]
+            else:
+                if self.main_decode_device is not None:
+                    crops, src = self._decode_and_crop(item)
+                    labels = labels[src]
+                else:
+                    crops = item["crops"]
+                gen = photometry_generator(self.cfg.seed, epoch, self.rank, b, self.photometry_device)
+                views = augment.finish_views(crops, self.spec, gen, self.dtype, device=self.photometry_device)
+            views = [v.to(self.device, non_blocking=True) for v in views]
+            yield Batch(views, labels.to(self.device, non_blocking=True))
+        if self.num_skipped:
+            log.warning("epoch %d (rank %d): skipped %d unreadable image(s) of %d; see loader.bad_files",
+                        self.epoch, self.rank, self.num_skipped, self._steps * self.cfg.batch_size)
+
+    # -- GPU decode path -----------------------------------------------------------------------
+
+    def _decode_and_crop(self, item) -> Tuple[torch.Tensor, List[int]]:
+        """Decode the batch on ``main_decode_device`` and cut the views: (uint8 [B, K, S, S, 3],
+        source slot of each row). A file neither nvJPEG nor the CPU can decode (the worker's header
+        check let it through) is counted as bad and its row repeats the next decodable image."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        dev = self.main_decode_device
+        data, boxes, flips = item["data"], item["boxes"], item["flips"]
+        is_bytes = [d.ndim == 1 for d in data]
+        jpegs = [d for d, b in zip(data, is_bytes) if b]
+        decoded: List[Optional[torch.Tensor]] = [None] * len(data)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*deprecated.*")  # torchvision 0.29+: use TorchCodec
+            try:
+                out = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=dev) if jpegs else []
+            except RuntimeError:  # one bad apple fails the whole batched call: go one by one
+                out = []
+                for d in jpegs:
+                    try:
+                        out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
+                    except RuntimeError:
+                        out.append(None)
+        it = iter(out)
+        for i, b in enumerate(is_bytes):
+            if b:
+                decoded[i] = next(it)
+            else:  # decoded by the worker (HWC uint8)
+                decoded[i] = data[i].to(dev, non_blocking=True).permute(2, 0, 1)
+        for i, img in enumerate(decoded):
+            if img is None:  # nvJPEG refused a file the header check let through: CPU decode
+                try:
+                    decoded[i] = torch.from_numpy(decode_rgb(data[i].numpy().tobytes())).to(dev).permute(2, 0, 1)
+                except Exception as e:
+                    self._record_failures([(self.samples[int(item["used"][i])][0], _reason(e))])
+        good = [i for i, d in enumerate(decoded) if d is not None]
+        if not good:
+            raise RuntimeError("no decodable image in the batch")
+        B, K, S = len(data), self.spec.num_views, self.spec.size
+        crops = torch.empty((B, K, S, S, 3), dtype=torch.uint8, device=dev)
+        sources = []
+        for i in range(B):
+            src = i if decoded[i] is not None else good[int(np.searchsorted(good, i)) % len(good)]
+            crops[i] = augment.crop_resize_tensor(decoded[src], boxes[src], S, self.spec.crop.interpolation,
+                                                  flips[src])
+            sources.append(src)
+        return crops, sources
+
+
+def build_torch_loader(cfg: LoaderConfig, spec: AugmentSpec, rank: int = 0, world_size: int = 1,
+                       device="cpu") -> TorchLoader:
+    return TorchLoader(cfg, spec, rank=rank, world_size=world_size, device=device)
