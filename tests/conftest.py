@@ -51,3 +51,50 @@ def demo_root(tmp_path_factory):
     if not os.path.isdir(demo_data.SOURCE):
         pytest.skip(f"Fashion-MNIST source missing at {demo_data.SOURCE}: {demo_data.INSTALL}")
     return demo_data.prepare(tmp_path_factory.mktemp("cache"), progress=False)
+
+
+# --- DALI fixtures ---
+# Appended by the DALI backend (issue 6). The loader contract test reads `dali_contract_data` for
+# backend "dali": the mixed folder (good images + every bad kind) with the clean list written by
+# `python -m loaders.validate`, which DALI needs because it cannot skip undecodable files.
+
+@pytest.fixture(scope="session")
+def dali_contract_data(tmp_path_factory, mixed_folder):
+    """dict(path, file_list, expected_images, bad): the clean list keeps the 24 good images and the 5
+    readable odd files (CMYK, PNG named .JPEG, gray, 1x1, 6000x4000: DALI's CPU decoder reads them all)
+    and drops the 3 unreadable ones."""
+    pytest.importorskip("nvidia.dali", reason="DALI not installed: pip install 'fastclr[dali]'")
+    from loaders import synthetic, validate
+    out = tmp_path_factory.mktemp("dali_list") / "clean_list.txt"
+    rc = validate.main([mixed_folder, "--out", str(out), "--workers", "1", "--quiet"])
+    assert rc == 0, f"loaders.validate exited with {rc}"
+    expected = NUM_CLASSES * PER_CLASS + len(synthetic.READABLE)
+    listed = sum(1 for line in out.read_text().splitlines() if line.strip())
+    assert listed == expected, f"validate kept {listed} files, expected {expected}"
+    return dict(path=mixed_folder, file_list=str(out), expected_images=expected, bad=0,
+                num_classes=NUM_CLASSES)
+
+
+# --- FFCV fixtures ---
+# Appended by the FFCV backend (issue 7). `ffcv_mixed_beton` converts the mixed folder once per
+# session with loaders.write_ffcv (unreadable files skipped, odd ones converted to RGB); the loader
+# contract test reads `ffcv_contract_data` for backend "ffcv".
+
+@pytest.fixture(scope="session")
+def ffcv_mixed_beton(tmp_path_factory, mixed_folder) -> dict:
+    """write_ffcv.convert's summary dict (``out`` is the .beton, ``manifest`` its manifest)."""
+    pytest.importorskip("ffcv", reason="FFCV not installed: pip install 'fastclr[ffcv]'")
+    from loaders import write_ffcv
+    out = tmp_path_factory.mktemp("ffcv") / "mixed.beton"
+    return write_ffcv.convert(mixed_folder, out, workers=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def ffcv_contract_data(ffcv_mixed_beton):
+    """The 24 good images and the 5 readable odd files are in the .beton; the 3 unreadable ones were
+    skipped by the converter, so the loader itself sees no bad file."""
+    from loaders import synthetic
+    expected = NUM_CLASSES * PER_CLASS + len(synthetic.READABLE)
+    assert ffcv_mixed_beton["written"] == expected, ffcv_mixed_beton
+    return dict(path=ffcv_mixed_beton["out"], file_list=None, expected_images=expected, bad=0,
+                num_classes=NUM_CLASSES)
