@@ -44,7 +44,17 @@ def init(backend: str | None = None) -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend, init_method="env://")
+    r, w = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # torchrun keeps one key-value store across elastic restarts. With env:// the process group's
+    # keys are the same in every round, so after a restart a rank can read the previous round's
+    # peer addresses and fail to connect (seen with gloo: "connectFullMesh ... Connection refused").
+    # A prefix per restart round keeps the rounds apart.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), w,
+                          is_master=(r == 0 and not agent_store), use_libuv=True)
+    round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"fastclr_round{round_}", store),
+                            rank=r, world_size=w)
     return DistInfo(rank(), world_size())
 
 

@@ -435,8 +435,12 @@ class DaliLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass runs epoch ``epoch`` from batch ``start_step`` (a resume position). The
+        order is exact; DALI's crop/flip stream is not replayed, so a resumed epoch gets other crops."""
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step} outside 0..{self.steps}")
+        self.epoch, self._start = int(epoch), int(start_step)
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's global sample indices for ``epoch``, in iteration order (the dropped remainder
@@ -445,21 +449,23 @@ class DaliLoader:
                              shuffle=self.cfg.train)
 
     def __iter__(self):
-        epoch = self.epoch
+        epoch, start = self.epoch, getattr(self, "_start", 0)
         self.epoch += 1  # as the FFCV backend: the next iteration is the next epoch unless set_epoch says
+        self._start = 0
         self._end_epoch()
         if self.pipe is None:
             self._build()
-        self._source.arm(self.epoch_indices(epoch), self.steps)
+        B = self.cfg.batch_size
+        self._source.arm(self.epoch_indices(epoch)[start * B:], self.steps - start)
         self._open = True
-        return self._batches_of_epoch(epoch)
+        return self._batches_of_epoch(epoch, self.steps - start)
 
-    def _batches_of_epoch(self, epoch: int):
+    def _batches_of_epoch(self, epoch: int, steps: int):
         gen = None
         if self.cfg.dali_photometry == "torch":
             gen = torch.Generator(device=self.photometry_device)
             gen.manual_seed(_seed(self.cfg.seed, epoch, self.rank, _TORCH_STREAM))
-        for _ in range(self.steps):
+        for _ in range(steps):
             outs = self._run()
             indices = np.asarray(outs[0].as_array(), dtype=np.int64).reshape(-1)
             labels = self._to_torch(outs[1])

@@ -345,12 +345,18 @@ class FFCVLoader:
     def __len__(self) -> int:
         return steps_per_epoch(self.n, self.world_size, self.batch_size, self.drop_last)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass runs epoch ``epoch`` from batch ``start_step`` (a resume position). The
+        skipped batches are decoded and dropped, so the crops and colours that follow are exactly
+        those of the uninterrupted epoch."""
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step {start_step} outside 0..{len(self)}")
+        self.epoch, self._start = int(epoch), int(start_step)
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self.epoch
+        epoch, start = self.epoch, getattr(self, "_start", 0)
         self.epoch += 1  # like FFCV: the next iteration is the next epoch unless set_epoch says otherwise
+        self._start = 0
         self._seed_cell[0] = np.uint64(epoch_seed(self.cfg.seed, epoch))  # crops: per sample, rank-free
         gen = torch.Generator(device=self.photometry_device)
         gen.manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank))
@@ -364,6 +370,8 @@ class FFCVLoader:
                 log.info("ffcv loader: first batch after %.1f s (numba JIT)", self.jit_seconds)
             self.last_indices = order[i * B:(i + 1) * B]
             views = finish_views(crops, self.spec, gen, self.dtype)  # new tensors: FFCV reuses its buffers
+            if i < start:  # before the resume position: computed (to keep the streams exact), not yielded
+                continue
             if self.photometry_device != self.device:
                 views = [v.to(self.device, non_blocking=True) for v in views]
             # FFCV's label buffer is reused batches_ahead + 2 batches later: copy it.

@@ -230,11 +230,12 @@ class _EpochBatches(torch.utils.data.Sampler):
     worker queues first and then wait 5 s per worker for a goodbye that cannot arrive."""
 
     def __init__(self, steps: int):
-        self.epoch, self.steps = 0, steps
+        self.epoch, self.steps, self.start = 0, steps, 0
 
     def __iter__(self):
-        e = self.epoch
-        return iter([(e, b) for b in range(self.steps)])
+        e, start = self.epoch, self.start
+        self.start = 0  # a resume position applies to one pass only
+        return iter([(e, b) for b in range(start, self.steps)])
 
     def __len__(self):
         return self.steps
@@ -313,8 +314,12 @@ class TorchLoader:
     def epoch(self) -> int:
         return self._sampler.epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self._sampler.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass runs epoch ``epoch`` from batch ``start_step`` (a resume position): batch b
+        is the same whatever the start, since its crops and colours depend on (seed, epoch, rank, b)."""
+        if not 0 <= start_step <= self._steps:
+            raise ValueError(f"start_step {start_step} outside 0..{self._steps}")
+        self._sampler.epoch, self._sampler.start = int(epoch), int(start_step)
 
     def epoch_indices(self, epoch: Optional[int] = None) -> np.ndarray:
         """The dataset indices epoch ``epoch`` visits on this rank, in order (before bad-file
@@ -376,8 +381,8 @@ class TorchLoader:
 
     def __iter__(self):
         self.bad_files, self.num_skipped = [], 0
-        epoch = self.epoch
-        for b, item in enumerate(self._prefetched(iter(self._dataloader()))):
+        epoch, first = self.epoch, self._sampler.start
+        for b, item in enumerate(self._prefetched(iter(self._dataloader())), start=first):
             self._record_failures(item["failed"])
             self.last_indices = item["index"].numpy()
             labels = item["labels"]

@@ -126,3 +126,21 @@ def test_bad_files_skipped_and_counted(backend):
     assert getattr(loader, "num_skipped", 0) == data["bad"]
     if data["bad"]:
         assert len(loader.bad_files) == data["bad"]
+
+
+def test_resume_position(backend):
+    """set_epoch(e, start_step=k) yields exactly batches k.. of epoch e (a resumed run's position):
+    the same samples in the same order, and the remaining count is len() - k."""
+    name, data = backend
+    loader = make(name, data, batch_size=4)
+    full, full_idx = run_epoch(loader, 1)
+    k = 2
+    loader.set_epoch(1, start_step=k)
+    tail_idx = []
+    for _ in loader:
+        tail_idx.append(np.asarray(loader.last_indices).copy())
+    assert len(tail_idx) == len(loader) - k
+    for a, b in zip(full_idx[k:], tail_idx):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError):
+        loader.set_epoch(0, start_step=len(loader) + 1)

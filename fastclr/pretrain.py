@@ -1,0 +1,262 @@
+"""SimCLRv2 contrastive pretraining. Read top to bottom: setup, data, model, optimizer, loop, checkpoint.
+
+    torchrun --nproc_per_node=8 fastclr/pretrain.py imagenet_r50_1x --data.path=/data/imagenet/train
+    torchrun --standalone --nproc_per_node=1 fastclr/pretrain.py       # the embedded demo (CPU, ~5 min)
+    python fastclr/pretrain.py demo_cpu --optim.epochs=2                # one process, no torchrun
+
+Everything is configured by ``[PRESET] --section.key=value`` (see --help). The run directory
+(run.out_dir) gets config.json, log.jsonl (every log_every steps) and ckpt_XXXXXXXX.pt files;
+``--run.resume=auto`` continues from the newest valid checkpoint there (exactly: same data order,
+same augmentations, same RNG).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # `python fastclr/pretrain.py` / torchrun put fastclr/ first on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import loaders
+from fastclr import checkpoint as ckpt
+from fastclr import config as C
+from fastclr import dist, runtime
+from fastclr.knn import knn_report
+from fastclr.lars import LARS
+from fastclr.losses import MomentumQueue, nt_xent
+from fastclr.models import build_model, convert_sync_bn, parse_model_name
+from fastclr.runtime import UserError
+from fastclr.schedule import lr_at, scaled_lr
+
+PROG = "pretrain.py"
+
+
+def model_kwargs(m: C.ModelConfig) -> dict:
+    kw = dict(depth=m.depth, width=m.width, sk_ratio=m.sk_ratio)
+    if m.name:
+        kw.update(parse_model_name(m.name))  # a named preset (r50_1x_sk0 ...) sets depth/width/sk
+    return dict(**kw, cifar_stem=m.cifar_stem, num_proj_layers=m.num_proj_layers, proj_out_dim=m.proj_out_dim)
+
+
+def build_optimizer(params, o: C.OptimConfig, lr: float):
+    if o.optimizer == "lars":
+        return LARS(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, eta=o.eta, mode=o.lars_mode)
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("--") and not any(a.startswith("--data.path") for a in argv)
+                    and "-h" not in argv and "--help" not in argv):
+        argv = ["demo_cpu"] + argv  # no preset and no data: the embedded default
+    cfg = C.parse(C.PretrainConfig, argv, C.PRETRAIN_PRESETS, prog=PROG, description=__doc__)
+    try:
+        return train(cfg)
+    except UserError as e:
+        runtime.fail(PROG, str(e))
+    finally:
+        dist.cleanup()
+
+
+def train(cfg: C.PretrainConfig) -> int:
+    # ------------------------------------------------------------------ setup
+    rank, world = dist.init()
+    device = runtime.resolve_device(cfg.run.device)
+    dtype = runtime.resolve_precision(cfg.run.precision, device)
+    o = cfg.optim
+    per_rank, rem = divmod(o.global_batch_size, world * o.grad_accum)
+    if rem or per_rank < 2:
+        raise UserError(f"optim.global_batch_size={o.global_batch_size} must split into equal per-rank "
+                        f"batches of >= 2 over {world} rank(s) x {o.grad_accum} accumulation steps")
+    train_path, val_path, is_demo = runtime.resolve_data_path(cfg.data.path, cfg.data.backend, cfg.run.val_path)
+    if is_demo:
+        dist.print0(f"{PROG}: no data.path given: the Fashion-MNIST demo set at {os.path.dirname(train_path)}")
+    runtime.seed_everything(cfg.run.seed, rank)
+    runtime.set_deterministic(cfg.run.deterministic)
+    out_dir = cfg.run.out_dir
+    if dist.is_main():
+        C.save_json(cfg, os.path.join(out_dir, "config.json"))
+
+    # ------------------------------------------------------------------ data
+    # Derived, not written back into cfg: the per-rank batch and the views' dtype.
+    data_cfg = dataclasses.replace(cfg.data, path=train_path, batch_size=per_rank, train=True,
+                                   seed=cfg.run.seed, dtype=runtime.DTYPE_NAME[dtype])
+    # Contrastive learning needs two views of every image, whatever recipe data.augment names.
+    spec = loaders.spec_from_config(data_cfg).replace(num_views=2)
+    try:
+        loader = loaders.build(data_cfg, rank=rank, world_size=world, device=device, spec=spec)
+    except (FileNotFoundError, ValueError) as e:  # no images, bad list file, batch larger than the data
+        raise UserError(str(e).splitlines()[0]) from None
+    steps_per_epoch = len(loader) // o.grad_accum
+    if steps_per_epoch == 0:
+        raise UserError(f"fewer images than one global batch of {o.global_batch_size}: lower optim.global_batch_size")
+    total_steps = o.epochs * steps_per_epoch
+    if cfg.run.max_steps is not None:
+        total_steps = min(total_steps, cfg.run.max_steps)
+    warmup_steps = int(round(o.warmup_epochs * steps_per_epoch))
+    peak_lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, o.global_batch_size, o.lr_scaling)
+
+    # ------------------------------------------------------------------ model
+    model = build_model(**model_kwargs(cfg.model)).to(device)
+    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.run.knn_eval else None
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1 and cfg.model.sync_bn:
+        model = convert_sync_bn(model)  # global BN: statistics over all ranks' images, as in the paper
+    queue = None
+    if cfg.loss.queue_size > 0:
+        queue = MomentumQueue(model, cfg.model.proj_out_dim, cfg.loss.queue_size, cfg.loss.queue_momentum)
+    raw_model = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    fwd = torch.compile(model) if cfg.model.compile else model
+
+    # ------------------------------------------------------------------ optimizer
+    optimizer = build_optimizer(raw_model.parameters(), o, peak_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+
+    # ------------------------------------------------------------------ resume
+    step = 0
+    if cfg.run.resume:
+        found = (ckpt.load_latest_valid(out_dir) if cfg.run.resume == "auto"
+                 else (cfg.run.resume, ckpt.load(cfg.run.resume)))
+        if found is None:
+            dist.print0(f"{PROG}: run.resume=auto: no checkpoint in {out_dir}, starting fresh")
+        else:
+            path, state = found
+            raw_model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            if queue is not None and "queue" in state:
+                queue.load_state_dict(state["queue"])
+            ckpt.set_rng_state(state["rng"])
+            step = int(state["step"])
+            dist.print0(f"{PROG}: resumed from {path} at step {step}")
+    last_ckpt = None
+
+    def save_checkpoint():
+        nonlocal last_ckpt
+        # Never write a checkpoint that holds inf/NaN weights (one host sync, at checkpoint time only).
+        finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()
+        if not bool(finite):
+            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
+            raise SystemExit(f"{PROG}: non-finite weights at step {step}; stopping. {where}. "
+                             f"Lower optim.lr or check the data, then --run.resume=auto.")
+        if dist.is_main():
+            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                     "step_in_epoch": step % steps_per_epoch, "rng": ckpt.rng_state(), "config": C.to_dict(cfg)}
+            if queue is not None:
+                state["queue"] = queue.state_dict()
+            last_ckpt = ckpt.save(ckpt.path_for(out_dir, step), state)
+            ckpt.prune(out_dir, cfg.run.keep_last)
+        dist.barrier()
+
+    # ------------------------------------------------------------------ loop
+    log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"))
+    dist.print0(f"{PROG}: {world} rank(s) on {device}, {runtime.DTYPE_NAME[dtype]}, global batch "
+                f"{o.global_batch_size} ({per_rank}/rank x {o.grad_accum} accum), {steps_per_epoch} steps/epoch, "
+                f"{total_steps} steps, peak lr {peak_lr:.4g}, data: {cfg.data.backend} {train_path}")
+    bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step",
+               disable=not (dist.is_main() and cfg.run.progress), dynamic_ncols=True, mininterval=1.0)
+    # Running sums stay on the device: reading them is a host sync, done only every log_every steps.
+    loss_sum = torch.zeros((), device=device)
+    acc_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+    n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
+    first_loss = final_loss = None
+    model.train()
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        loader.set_epoch(epoch, start_step=skip * o.grad_accum)  # exact position after a resume
+        it = iter(loader)
+        for _ in range(skip, steps_per_epoch):
+            if step >= total_steps:
+                break
+            lr = lr_at(step, peak_lr, warmup_steps, total_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            for micro in range(o.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(it)  # time blocked here = data wait
+                wait_s += time.perf_counter() - t0
+                with runtime.autocast(device, dtype):
+                    _, z = fwd(batch.views)
+                z1, z2 = z.float().chunk(2)
+                negs = queue.negatives() if queue is not None else None
+                loss, acc = nt_xent(z1, z2, cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
+                                    extra_negatives=negs, return_accuracy=True)
+                # TF's objective is loss_a + loss_b averaged over images = 2x our mean over the 2B
+                # anchors. The factor matters with LARS: it sets the size of weight decay relative
+                # to the gradient and the update of the non-adapted BN/bias parameters.
+                loss = 2.0 * loss
+                scaler.scale(loss / o.grad_accum).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if queue is not None:
+                queue.update(raw_model)
+                with torch.no_grad(), runtime.autocast(device, dtype):
+                    keys = F.normalize(queue(batch.views)[1].float(), dim=1)
+                queue.enqueue(dist.gather_nograd(keys))
+            loss_sum += loss.detach()
+            acc_sum += acc
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                    torch.full_like(first_bad, step), first_bad)
+            step += 1
+            n_since += 1
+            bar.update(1)
+
+            if step % cfg.run.log_every == 0 or step == total_steps:
+                # .item() is a CPU-GPU sync: only here, every log_every steps.
+                bad = int(first_bad.item())
+                if bad >= 0:
+                    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
+                    raise SystemExit(f"{PROG}: non-finite loss at step {bad} (lr {lr_at(bad, peak_lr, warmup_steps, total_steps):.4g}); "
+                                     f"stopping. {where}. Lower optim.lr or check the data, then --run.resume=auto.")
+                dt = time.perf_counter() - t_log
+                mean_loss = (loss_sum / n_since).item()
+                mean_acc = (acc_sum / n_since).item()
+                ips = n_since * o.global_batch_size / dt
+                first_loss = mean_loss if first_loss is None else first_loss
+                final_loss = mean_loss
+                log.write(step=step, epoch=epoch, loss=round(mean_loss, 5), contrastive_acc=round(mean_acc, 4),
+                          lr=lr, images_per_s=round(ips, 1), data_wait=round(min(wait_s / dt, 1.0), 4),
+                          gpu_mem_gb=runtime.gpu_memory_gb(device))
+                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.2f}", lr=f"{lr:.3g}",
+                                img_s=f"{ips:.0f}", wait=f"{wait_s / dt:.0%}")
+                loss_sum.zero_(); acc_sum.zero_()
+                n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
+            if step % cfg.run.ckpt_every == 0 or step == total_steps:
+                save_checkpoint()
+    bar.close()
+    skipped = getattr(loader, "num_skipped", 0)
+    summary = dict(event="done", step=step, first_loss=first_loss, final_loss=final_loss,
+                   bad_images_skipped=skipped, checkpoint=str(last_ckpt) if last_ckpt else None)
+
+    # ------------------------------------------------------------------ k-NN report
+    if cfg.run.knn_eval and val_path and cfg.data.backend != "ffcv":
+        report = knn_report(raw_model.backbone, init_state, train_path, val_path, cfg, device, dtype)
+        summary.update(report)
+    log.write(**summary)
+    log.close()
+    if dist.is_main():
+        msg = f"{PROG}: done: {step} steps, loss {first_loss} -> {final_loss}"
+        if "knn_top1" in summary:
+            msg += (f"; k-NN top-1 on val: {summary['knn_top1']:.1%} trained vs "
+                    f"{summary['knn_top1_random_init']:.1%} at random init")
+        print(msg + f"; logs and checkpoints in {out_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""What every entry point (pretrain, finetune, distill, linear_eval) needs around its loop:
+device and precision choice, one-line user errors, the demo-data default, the JSONL log."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from fastclr import dist
+
+PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, before any heavy work."""
+
+
+def fail(prog: str, msg: str, code: int = 2):
+    print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device=cuda but no CUDA device is visible (use --run.device=cpu)")
+    if name in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank())
+    return torch.device("cpu")
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on GPU, fp32 on CPU (CPU bf16 is slower on most CPUs without AMX)."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("run.precision=fp16 needs a GPU (use fp32 or bf16 on CPU)")
+    return PRECISION_DTYPE[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Per-rank seeds: model init uses the same seed on every rank (DDP also broadcasts it)."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    del rank  # data seeds derive from (seed, epoch, rank) inside the loaders
+
+
+def set_deterministic(on: bool) -> None:
+    if on:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def resolve_data_path(path: str, backend: str, val_path: str = "") -> Tuple[str, str, bool]:
+    """(train_path, val_path, is_demo). An empty path means the embedded Fashion-MNIST demo set,
+    prepared by rank 0 on first use while the other ranks wait."""
+    if path:
+        p = Path(path)
+        if backend == "ffcv":
+            if not p.is_file():
+                raise UserError(f"data.path {path!r} is not a .beton file (write one with python -m loaders.write_ffcv)")
+        elif not p.is_dir():
+            raise UserError(f"data.path {path!r} is not a folder (expected an ImageFolder: root/<class>/<image>)")
+        if val_path and not Path(val_path).exists():
+            raise UserError(f"run.val_path {val_path!r} does not exist")
+        return path, val_path, False
+    if backend == "ffcv":
+        raise UserError("the demo data set is an ImageFolder: use data.backend=torch or dali, or give data.path=<.beton>")
+    from loaders import demo_data
+    root = None
+    if dist.is_main():
+        try:
+            root = demo_data.prepare()
+        except demo_data.DemoDataError as e:
+            raise UserError(str(e)) from None
+    dist.barrier()
+    if root is None:
+        root = demo_data.prepare(progress=False)   # already complete: returns at once
+    return str(root / "train"), val_path or str(root / "val"), True
+
+
+class JsonlLog:
+    """Appends one JSON object per line; rank 0 only. Flushed per write so a killed run keeps it."""
+
+    def __init__(self, path: Optional[str | os.PathLike]):
+        self.fh = None
+        if path is not None and dist.is_main():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a", buffering=1)
+
+    def write(self, **record) -> None:
+        if self.fh is not None:
+            record.setdefault("time", round(time.time(), 3))
+            self.fh.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+def gpu_memory_gb(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

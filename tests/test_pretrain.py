@@ -1,0 +1,159 @@
+"""pretrain.py end to end on CPU: smoke, overfitting one batch, exact resume after SIGKILL,
+elastic restart under torchrun, NaN stop, one-line config errors, and the demo's k-NN gain."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastclr import checkpoint as ck
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "fastclr" / "pretrain.py")
+# A tiny, fast configuration on the fixture folder: R18 with the CIFAR stem at 32px, batch 8.
+TINY = ["demo_cpu", "--data.image_size=32", "--data.num_workers=0", "--optim.global_batch_size=8",
+        "--optim.warmup_epochs=0", "--run.knn_eval=false", "--run.progress=false", "--run.log_every=1"]
+
+
+def env():
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    e.pop("RANK", None)
+    return e
+
+
+def run(args, check=True, **kw):
+    r = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env(), **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}")
+    return r
+
+
+def log_records(out_dir):
+    return [json.loads(ln) for ln in Path(out_dir, "log.jsonl").read_text().splitlines()]
+
+
+def final_state(out_dir):
+    step, path = ck.list_checkpoints(out_dir)[-1]
+    return step, ck.load(path)
+
+
+def test_smoke_few_steps_finite_loss_and_logs(tmp_path, mixed_folder):
+    out = tmp_path / "run"
+    r = run(TINY + [f"--data.path={mixed_folder}", f"--run.out_dir={out}", "--run.max_steps=3"])
+    recs = log_records(out)
+    steps = [x for x in recs if "loss" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3]
+    for x in steps:
+        assert torch.isfinite(torch.tensor(x["loss"])) and 0 <= x["data_wait"] <= 1 and x["images_per_s"] > 0
+        assert 0 <= x["contrastive_acc"] <= 1
+    done = recs[-1]
+    assert done["event"] == "done" and done["bad_images_skipped"] >= 1   # the fixture's bad files
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["path"] == mixed_folder and cfg["optim"]["lr"] is None
+    assert "done: 3 steps" in r.stdout
+
+
+def test_overfit_one_batch_drives_loss_down(tmp_path, image_folder):
+    """The same 8 images in every step (a list file of 8, batch 8), crop+flip views: the loss must
+    fall to a fraction of its start."""
+    from loaders.common import list_image_folder
+    samples, _ = list_image_folder(image_folder)
+    lst = tmp_path / "eight.txt"
+    lst.write_text("".join(f"{os.path.relpath(p, image_folder)} {lab}\n" for p, lab in samples[::3][:8]))
+    out = tmp_path / "overfit"
+    run(TINY + [f"--data.path={image_folder}", f"--data.file_list={lst}", f"--run.out_dir={out}",
+                "--run.max_steps=30", "--optim.epochs=100", "--data.augment=finetune", "--optim.lr=1.0",
+                "--run.log_every=5"])
+    losses = [x["loss"] for x in log_records(out) if "loss" in x]
+    assert len(losses) == 6 and losses[-1] < 0.3 * losses[0], losses
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_exact_resume_after_sigkill(tmp_path, image_folder):
+    """A run killed with SIGKILL mid-run and resumed ends bitwise equal to an uninterrupted run.
+    24 images / batch 8 = 3 steps per epoch; 7 steps cross two epoch boundaries; the kill lands
+    after the step-2 checkpoint, so the resume starts mid-epoch."""
+    common = TINY + [f"--data.path={image_folder}", "--run.max_steps=7", "--optim.epochs=3",
+                     "--run.ckpt_every=2", "--run.keep_last=10", "--run.deterministic=true",
+                     "--optim.warmup_epochs=1"]
+    ref = tmp_path / "ref"
+    run(common + [f"--run.out_dir={ref}"])
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *common, f"--run.out_dir={out}", "--run.resume=auto"],
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ck.path_for(out, 2).exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not ck.path_for(out, 7).exists()
+    r = run(common + [f"--run.out_dir={out}", "--run.resume=auto"])
+    assert "resumed from" in r.stdout
+    step_a, a = final_state(ref)
+    step_b, b = final_state(out)
+    assert step_a == step_b == 7
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+def test_elastic_restart_after_a_worker_is_killed(tmp_path, image_folder):
+    """2 gloo workers under torchrun --max-restarts=1; one is SIGKILLed after the first checkpoint:
+    torchrun restarts both, they resume from the checkpoint and complete."""
+    psutil = pytest.importorskip("psutil", reason="psutil (installed with fastclr[ffcv]) finds the workers")
+    out = tmp_path / "elastic"
+    args = TINY + [f"--data.path={image_folder}", f"--run.out_dir={out}", "--optim.global_batch_size=8",
+                   "--optim.epochs=4", "--run.max_steps=8", "--run.ckpt_every=2", "--run.resume=auto"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--max-restarts=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", SCRIPT, *args]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        if ck.path_for(out, 2).exists():
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if "pretrain.py" in " ".join(p.cmdline())]
+            if workers:
+                workers[-1].send_signal(signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.02)
+    output, _ = proc.communicate(timeout=300)
+    assert killed, output[-3000:]
+    assert proc.returncode == 0, output[-3000:]
+    assert "resumed from" in output, output[-3000:]
+    step, state = final_state(out)
+    assert step == 8
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, image_folder):
+    out = tmp_path / "nan"
+    r = run(TINY + [f"--data.path={image_folder}", f"--run.out_dir={out}", "--run.max_steps=6",
+                    "--optim.lr=1e30", "--optim.optimizer=sgd", "--run.ckpt_every=1"], check=False)
+    assert r.returncode != 0
+    assert "non-finite loss at step" in r.stderr and "checkpoint" in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data.path=/nonexistent/folder"], "data.path '/nonexistent/folder' is not a folder"),
+    (["--optim.lrr=1"], "did you mean --optim.lr?"),
+    (["--optim.global_batch_size=1"], "must split into equal per-rank batches"),
+    ([f"--data.path={ROOT / 'fastclr'}"], "no images (.jpg"),     # a folder, but not of images
+])
+def test_bad_config_is_one_line_error_before_heavy_work(tmp_path, args, needle):
+    r = run(["demo_cpu", f"--run.out_dir={tmp_path}/x", *args], check=False, timeout=60)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
