@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # torch/torchvision are pinned: these builds are on the local pip cache of our machines; any other
 # version downloads several GB.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-APT_PKGS := libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist
+APT_PKGS := libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist shellcheck
 # The stamp is keyed on setup.py and this Makefile: a second `make install` does nothing.
 STAMP := $(VENV)/.fastclr-installed
 PYTEST_ARGS ?=

@@ -55,6 +55,10 @@ from .spec import AugmentSpec
 
 try:
     import cv2
+    # OpenCV's thread pool does not survive fork(): a DataLoader worker forked after the main process
+    # ran a multi-threaded cv2 call can hang in its first cv2 call. The parallelism here is the
+    # worker count, so OpenCV runs single-threaded everywhere this module is used.
+    cv2.setNumThreads(1)
 except Exception:  # pragma: no cover - OpenCV missing: PIL decodes
     cv2 = None
 

@@ -1,0 +1,214 @@
+"""benchmarks/: throughput.py --quick end to end (JSON schema, every stage present or skipped with a
+reason, ratios well-formed), gpu_suite.sh --dry-run and its carry reassembly, gpu_carry.sh --dry-run,
+and shellcheck on both scripts when it is installed. No timing is asserted (DESIGN: speed claims live
+in the benchmark's JSON, never in tests)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
+SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
+CARRY = ROOT / "benchmarks" / "gpu_carry.sh"
+STAGES = ("read", "decode", "geometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
+RATIOS = ("augment_vs_torchvision", "augment_vs_lightly", "lars_fused_vs_loop", "ntxent_vs_lightly",
+          "loss_chunked_memory_flat")
+
+
+def _run(cmd, timeout, env=None, cwd=ROOT):
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "quick.json"
+    # torch backend only (+ peers): the other backends' JIT/pipeline start-up would dominate the run.
+    proc = _run([sys.executable, str(THROUGHPUT), "--quick", "--backends", "torch", "--out", str(out),
+                 "--cache", str(tmp / "cache")], timeout=300)
+    assert proc.returncode == 0, f"throughput.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text()), proc.stdout, out
+
+
+def test_quick_meta(quick_result):
+    res, _, _ = quick_result
+    assert set(res) >= {"meta", "stages", "ratios", "sweeps"}
+    meta = res["meta"]
+    for key in ("device", "cpu_count", "versions", "git_sha", "args", "date", "config"):
+        assert key in meta, f"meta lacks {key}"
+    assert isinstance(meta["cpu_count"], int) and meta["cpu_count"] >= 1
+    assert meta["device"]
+    for pkg in ("torch", "torchvision", "numpy", "dali", "ffcv", "lightly"):
+        assert pkg in meta["versions"], f"versions lacks {pkg}"
+    assert meta["versions"]["torch"]
+    assert meta["args"]["quick"] is True and meta["args"]["backends"] == ["torch"]
+
+
+def test_quick_every_stage_ok_or_skipped_with_reason(quick_result):
+    res, stdout, _ = quick_result
+    stages = res["stages"]
+    assert set(stages) == set(STAGES)
+    for name, st in stages.items():
+        assert st["status"] in ("ok", "skipped"), (name, st)
+        assert isinstance(st["rows"], list)
+        if st["status"] == "skipped":
+            assert st.get("reason"), f"stage {name} skipped without a reason"
+        for r in st["rows"]:
+            assert r["name"]
+            if r.get("status") == "skipped":
+                assert r.get("reason"), f"{name}: row {r['name']} skipped without a reason"
+            else:
+                has_rate = any(isinstance(r.get(k), (int, float)) and r[k] > 0
+                               for k in ("images_per_s", "steps_per_s"))
+                assert has_rate, f"{name}: row {r['name']} has no rate: {r}"
+        assert f"== {name}" in stdout  # the table shows every stage
+    # On CPU: no host-to-device stage, and compile is off unless asked.
+    assert stages["h2d"]["status"] == "skipped" and "GPU" in stages["h2d"]["reason"]
+    compiled = [r for r in stages["model"]["rows"] if r["name"].endswith("compiled")]
+    assert compiled and all(r["status"] == "skipped" and "--compile" in r["reason"] for r in compiled)
+    # Rows that must have run on any CPU machine.
+    assert any(r.get("impl") == "fastclr" and r.get("steps_per_s") for r in stages["optim"]["rows"])
+    assert any(r.get("impl") == "loop" and r.get("images_per_s") is None and r.get("steps_per_s")
+               for r in stages["optim"]["rows"])
+    loss = stages["loss"]["rows"]
+    assert {r["impl"] for r in loss if r.get("status") != "skipped"} >= {"fastclr-dense", "fastclr-chunked"}
+    assert all(r["peak_mem_bytes"] >= 0 for r in loss if r.get("status") != "skipped")
+    e2e = stages["e2e"]["rows"]
+    assert [r.get("backend") for r in e2e] == ["torch"]
+    for r in e2e:
+        if r.get("status") != "skipped":
+            assert 0.0 <= r["data_wait"] <= 1.0
+
+
+def test_quick_ratios(quick_result):
+    res, stdout, _ = quick_result
+    for name in RATIOS:
+        r = res["ratios"][name]
+        assert {"value", "target", "met", "baseline", "ours"} <= set(r), (name, r)
+        assert isinstance(r["met"], bool)
+        assert isinstance(r["target"], (int, float))
+        if r["value"] is None:
+            assert r.get("reason") and r["met"] is False
+        else:
+            assert r["value"] > 0
+            assert r["met"] == (r["value"] >= r["target"] if r["direction"] == ">=" else r["value"] <= r["target"])
+    assert "headline ratios" in stdout
+    # Measured in the same run whenever both sides ran.
+    optim = {r["impl"]: r for r in res["stages"]["optim"]["rows"] if r.get("status") != "skipped"}
+    if {"fastclr", "loop"} <= set(optim):
+        assert res["ratios"]["lars_fused_vs_loop"]["value"] is not None
+
+
+def test_quick_charts(quick_result):
+    res, _, out = quick_result
+    charts = res["meta"].get("charts", {})
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "_skipped" in charts
+        return
+    assert charts, "matplotlib is installed but no chart was written"
+    for stage, path in charts.items():
+        assert Path(path).is_file() and Path(path).parent == out.parent, (stage, path)
+
+
+def test_bad_arguments_fail_fast():
+    proc = _run([sys.executable, str(THROUGHPUT), "--stages", "read,warp"], timeout=120)
+    assert proc.returncode == 2 and "unknown stage" in proc.stderr
+    proc = _run([sys.executable, str(THROUGHPUT), "--sweep", "lr=1,2"], timeout=120)
+    assert proc.returncode == 2 and "--sweep" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# gpu_suite.sh / gpu_carry.sh
+# ------------------------------------------------------------------------------------------------
+
+def _fake_carry(root: Path, corrupt: bool = False) -> bytes:
+    """A 'wheel' split over two carry folders, plus a whole file, each folder with SHA256SUMS."""
+    payload = os.urandom(5000)
+    small = b"tiny sdist"
+    sums = (f"{hashlib.sha256(payload).hexdigest()}  fake_pkg-1.0-py3-none-any.whl\n"
+            f"{hashlib.sha256(small).hexdigest()}  small-1.0.tar.gz\n")
+    a, b = root / "carry01", root / "carry02"
+    a.mkdir(parents=True)
+    b.mkdir()
+    (a / "fake_pkg-1.0-py3-none-any.whl.part-aa").write_bytes(payload[:2000])
+    (b / "fake_pkg-1.0-py3-none-any.whl.part-ab").write_bytes(payload[2000:4000])
+    (a / "fake_pkg-1.0-py3-none-any.whl.part-ac").write_bytes(payload[4000:] + (b"x" if corrupt else b""))
+    (b / "small-1.0.tar.gz").write_bytes(small)
+    for d in (a, b):
+        (d / "SHA256SUMS").write_text(sums)
+    return payload
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    carry = tmp_path / "carry"
+    _fake_carry(carry)
+    proc = _run(["bash", str(SUITE), "--dry-run", str(carry), str(tmp_path / "out")], timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "pytest -m gpu" in out
+    assert "benchmarks/throughput.py --device cuda" in out and "hw_decoder_load=" in out
+    assert "pip install --no-deps --no-build-isolation -e ." in out
+    assert "fake_pkg-1.0-py3-none-any.whl <- 3 pieces" in out
+    assert "install_dali] skipped" in out  # no DALI wheel in this carry: said so, not attempted
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["dry_run"] is True and summary["ok"] is True
+    names = [p["name"] for p in summary["phases"]]
+    assert {"assemble", "install_fastclr", "pytest_gpu", "throughput"} <= set(names)
+    assert all({"status", "rc", "seconds"} <= set(p) for p in summary["phases"])
+
+
+def test_gpu_suite_dry_run_reports_missing_piece(tmp_path):
+    carry = tmp_path / "carry"
+    _fake_carry(carry)
+    (carry / "carry02" / "fake_pkg-1.0-py3-none-any.whl.part-ab").unlink()
+    proc = _run(["bash", str(SUITE), "--dry-run", str(carry), str(tmp_path / "out")], timeout=60)
+    assert ".part-ab missing" in proc.stdout
+    assert proc.returncode != 0
+
+
+def test_gpu_suite_assembles_and_verifies(tmp_path):
+    carry = tmp_path / "carry"
+    payload = _fake_carry(carry)
+    work = tmp_path / "work"
+    proc = _run(["bash", str(SUITE), "--assemble-only", str(carry), str(tmp_path / "out")], timeout=60,
+                env={"FASTCLR_SUITE_WORK": str(work)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (work / "wheels" / "fake_pkg-1.0-py3-none-any.whl").read_bytes() == payload
+    assert (work / "wheels" / "small-1.0.tar.gz").read_bytes() == b"tiny sdist"
+    assert "fake_pkg-1.0-py3-none-any.whl sha256 OK" in proc.stdout
+
+    bad = tmp_path / "bad"
+    _fake_carry(bad, corrupt=True)
+    proc = _run(["bash", str(SUITE), "--assemble-only", str(bad), str(tmp_path / "out2")], timeout=60,
+                env={"FASTCLR_SUITE_WORK": str(tmp_path / "work2")})
+    assert proc.returncode != 0 and "MISMATCH" in proc.stdout
+    assert not (tmp_path / "work2" / "wheels" / "fake_pkg-1.0-py3-none-any.whl").exists()
+
+
+def test_gpu_carry_dry_run(tmp_path):
+    proc = _run(["bash", str(CARRY), "--dry-run", str(tmp_path / "carry")], timeout=120,
+                env={"FASTCLR_CARRY_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pip download" in proc.stdout and "nvidia-dali-cuda130" in proc.stdout
+    assert "--python-version 3.12" in proc.stdout
+    assert "--no-binary=:all: ffcv==1.0.2" in proc.stdout
+    assert not (tmp_path / "carry").exists()
+
+
+@pytest.mark.parametrize("script", [SUITE, CARRY], ids=lambda p: p.name)
+def test_shellcheck(script):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed")
+    proc = _run(["shellcheck", "-x", str(script)], timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
