@@ -1,0 +1,134 @@
+"""finetune.py: the network keeps the projection head up to layer k, a short run on the fixture folder
+(subset, eval, best.pt), exact resume, and one-line errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastclr import checkpoint as ck
+from fastclr import config as C
+from fastclr import finetune as ft
+from fastclr.models import build_model
+
+ARCH = dict(depth=18, width=1, sk_ratio=0.0, cifar_stem=False, num_proj_layers=3, proj_out_dim=16)
+
+
+def fake_pretrain_ckpt(path, seed=0, **arch):
+    """A pretrain.py-style checkpoint (model + config) of a random SimCLRModel with non-trivial BN stats."""
+    torch.manual_seed(seed)
+    a = {**ARCH, **arch}
+    m = build_model(**a)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+                if mod.affine:
+                    mod.weight.uniform_(0.5, 1.5)
+    cfg = C.PretrainConfig()
+    for k, v in a.items():
+        setattr(cfg.model, k, v)
+    ck.save(path, {"model": m.state_dict(), "step": 1, "config": C.to_dict(cfg)})
+    return m
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, -1])
+def test_head_is_cut_at_layer_k(tmp_path, k):
+    pre = fake_pretrain_ckpt(tmp_path / "ckpt_00000001.pt")
+    file, state, mcfg = ft.load_pretrained(str(tmp_path))  # a run dir -> its newest checkpoint
+    assert file.endswith("ckpt_00000001.pt")
+    arch = {**ft.arch_of(mcfg), "ft_proj_selector": k}
+    clf = ft.build_classifier(arch, num_classes=7, pretrained=state, zero_init=True)
+    kk = 3 if k == -1 else k
+    dims = pre.head.layer_dims  # [512, 512, 512, 16]
+    assert len(clf.neck) == kk
+    assert clf.fc.weight.shape == (7, dims[kk]) and clf.fc.bias.shape == (7,)
+    assert torch.count_nonzero(clf.fc.weight) == 0  # TF zero_init_logits_layer
+    for j, layer in enumerate(clf.neck):
+        assert layer.linear.weight.shape == (dims[j + 1], dims[j])
+        assert torch.equal(layer.linear.weight, pre.head.layers[j].linear.weight)
+    # the classifier's input is the pretrained head's layer-k output
+    pre.eval(); clf.eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        want = pre.head(pre.backbone(x), return_layers=True)[kk]
+        got = clf.features(x)
+    assert got.shape == (4, dims[kk])
+    torch.testing.assert_close(got, want)
+    # only the kept layers are parameters of the fine-tuned model (nothing unused goes to the optimizer)
+    n_head = sum(p.numel() for j in range(kk) for p in pre.head.layers[j].parameters())
+    n_bb = sum(p.numel() for p in pre.backbone.parameters())
+    assert sum(p.numel() for p in clf.parameters()) == n_bb + n_head + 7 * dims[kk] + 7
+
+
+def test_ft_proj_selector_out_of_range_is_a_user_error():
+    with pytest.raises(ft.UserError, match="out of range"):
+        ft.build_classifier({**ARCH, "ft_proj_selector": 4}, 3)
+
+
+TINY = ["--data.image_size=32", "--data.num_workers=0", "--optim.global_batch_size=4", "--run.progress=false",
+        "--run.device=cpu", "--run.precision=fp32", "--run.log_every=1", "--run.eval_batch_size=24"]
+
+
+def records(out):
+    return [json.loads(ln) for ln in Path(out, "log.jsonl").read_text().splitlines()]
+
+
+def test_short_run_subset_eval_best_and_exact_resume(tmp_path, image_folder):
+    fake_pretrain_ckpt(tmp_path / "pre" / "ckpt_00000001.pt")
+    base = ["demo_1pct", f"--ckpt={tmp_path / 'pre'}", f"--data.path={image_folder}",
+            f"--run.val_path={image_folder}", "--subset.fraction=0.5", "--optim.epochs=2", "--run.eval_every=1",
+            *TINY]
+    # 12 labelled images / batch 4 = 3 steps per epoch, 6 steps
+    assert ft.main(base + [f"--run.out_dir={tmp_path / 'a'}", "--run.ckpt_every=2", "--run.keep_last=0"]) == 0
+    recs = records(tmp_path / "a")
+    evals = [r for r in recs if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [3, 6] and all(0 <= r["top1"] <= 100 for r in evals)
+    done = recs[-1]
+    assert done["event"] == "done" and done["step"] == 6 and done["labeled_images"] == 12
+    subset = (tmp_path / "a" / "labels_subset.txt").read_text().splitlines()
+    assert len(subset) == 12
+    best = ck.load(tmp_path / "a" / "best.pt")
+    assert best["arch"]["ft_proj_selector"] == 1 and best["arch"]["num_classes"] == 4
+    assert best["val"]["top1"] == max(r["top1"] for r in evals)
+    # the fine-tuned model reloads (the teacher path of distill.py)
+    _, model, _ = ft.load_classifier(str(tmp_path / "a"))
+    assert model.fc.out_features == 4
+
+    # exact resume: a run dir holding only the step-4 checkpoint (mid-epoch 2) of that run, resumed with
+    # resume=auto, ends where the uninterrupted run ended
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "a")] == [2, 3, 4, 6]
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "ckpt_00000004.pt").write_bytes((tmp_path / "a" / "ckpt_00000004.pt").read_bytes())
+    assert ft.main(base + [f"--run.out_dir={b}", "--run.resume=auto"]) == 0
+    assert [r["step"] for r in records(b) if r.get("event") == "eval"] == [6]
+    wa = ck.load(ck.list_checkpoints(tmp_path / "a")[-1][1])["model"]
+    wb = ck.load(ck.list_checkpoints(b)[-1][1])["model"]
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_scratch_baseline_and_one_line_errors(tmp_path, image_folder, capsys):
+    out = tmp_path / "scratch"
+    assert ft.main(["demo_1pct", "--ckpt=none", f"--data.path={image_folder}", "--subset.fraction=0.5",
+                    "--run.max_steps=1", f"--run.out_dir={out}", *TINY]) == 0
+    # the demo preset's architecture; without a val set best.pt holds the last weights
+    assert ck.load(out / "best.pt")["arch"]["depth"] == 18
+    capsys.readouterr()
+
+    def error(args):
+        with pytest.raises(SystemExit) as e:
+            ft.main(args + [f"--data.path={image_folder}", f"--run.out_dir={tmp_path / 'err'}", *TINY])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("finetune.py: error:") and "\n" not in err, err
+        return err
+
+    assert "--ckpt" in error([])
+    assert "not found" in error([f"--ckpt={tmp_path / 'nope.pt'}"])
+    assert "one label subset" in error(["--ckpt=none", "--subset.fraction=0.1",
+                                        f"--data.file_list={tmp_path}/x"])
+    assert "fine-tuned checkpoint" in error([f"--ckpt={out / 'best.pt'}"])
+    assert "not found" in error(["--ckpt=none", "--subset.list=no_such_list.txt"])
