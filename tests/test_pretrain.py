@@ -59,6 +59,27 @@ def test_smoke_few_steps_finite_loss_and_logs(tmp_path, mixed_folder):
     assert "done: 3 steps" in r.stdout
 
 
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_smoke_other_backends(tmp_path, request, backend):
+    """A few steps through the DALI (CPU mode, on the validated clean list) and FFCV (on the
+    converted .beton) backends: finite loss, done record."""
+    import loaders
+    ok, why = loaders.available(backend)
+    if not ok:
+        pytest.skip(f"backend {backend} unavailable: {why}")
+    data = request.getfixturevalue(f"{backend}_contract_data")
+    out = tmp_path / backend
+    args = TINY + [f"--data.backend={backend}", f"--data.path={data['path']}", f"--run.out_dir={out}",
+                   "--run.max_steps=2", "--data.num_workers=1"]
+    if data.get("file_list"):
+        args.append(f"--data.file_list={data['file_list']}")
+    run(args, timeout=600)
+    recs = log_records(out)
+    assert [x["step"] for x in recs if "loss" in x] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in recs if "loss" in x)
+    assert recs[-1]["event"] == "done"
+
+
 def test_overfit_one_batch_drives_loss_down(tmp_path, image_folder):
     """The same 8 images in every step (a list file of 8, batch 8), crop+flip views: the loss must
     fall to a fraction of its start."""
