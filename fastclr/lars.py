@@ -118,8 +118,18 @@ def _lars_step(params, grads, bufs, wds, n_adapt, *, lr, momentum, eta, mode, ne
     parameters get trust-ratio adaptation, the rest a trust ratio of 1. All math is foreach / vector
     ops on the device (no Python loop over parameters, no host sync).
     """
-    # d = g + wd * w, the decayed gradient (wds is a list of Python floats: no device tensor needed)
-    d = torch._foreach_add(grads, torch._foreach_mul(params, wds)) if any(wds) else list(grads)
+    # d = g + wd * w: a new tensor per parameter, the only full-size temporary of the step (grouped
+    # by weight-decay value, usually two groups, so each group is one foreach add with alpha=wd).
+    d = [None] * len(params)
+    groups = defaultdict(list)
+    for i, wd in enumerate(wds):
+        groups[wd].append(i)
+    for wd, idx in groups.items():
+        g_sub = [grads[i] for i in idx]
+        out = (torch._foreach_add(g_sub, [params[i] for i in idx], alpha=wd) if wd
+               else torch._foreach_mul(g_sub, 1.0))  # a copy: d is scaled in place below, .grad is not
+        for i, t in zip(idx, out):
+            d[i] = t
 
     # Trust ratios as one [P] vector: adapted prefix from the norms, 1.0 for the rest.
     ones = params[0].new_ones(len(params) - n_adapt)
@@ -137,15 +147,18 @@ def _lars_step(params, grads, bufs, wds, n_adapt, *, lr, momentum, eta, mode, ne
     else:
         trust = ones
 
+    torch._foreach_mul_(bufs, momentum)
     if mode == "tf":
-        step = torch._foreach_mul(d, (lr * trust).unbind())  # scaled_lr * d, scaled_lr = lr * trust
-        torch._foreach_mul_(bufs, momentum)
-        torch._foreach_add_(bufs, step)  # v = momentum * v + scaled_lr * d
-        update = torch._foreach_add(torch._foreach_mul(bufs, momentum), step) if nesterov else bufs
+        torch._foreach_mul_(d, (lr * trust).unbind())  # d <- scaled_lr * (g + wd * w)
+        torch._foreach_add_(bufs, d)  # v = momentum * v + scaled_lr * d
+        # nesterov: update = momentum * v + scaled_lr * d
+        update = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
         torch._foreach_sub_(params, update)  # w = w - update
     else:
-        d = torch._foreach_mul(d, trust.unbind())  # d = (g + wd * w) * trust
-        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_mul_(d, trust.unbind())  # d <- (g + wd * w) * trust
         torch._foreach_add_(bufs, d)  # buf = momentum * buf + d
-        update = torch._foreach_add(d, torch._foreach_mul(bufs, momentum)) if nesterov else bufs
-        torch._foreach_sub_(params, torch._foreach_mul(update, lr))  # w = w - lr * update
+        update = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
+        if isinstance(lr, torch.Tensor):
+            torch._foreach_sub_(params, torch._foreach_mul(update, lr))  # w = w - lr * update
+        else:
+            torch._foreach_add_(params, update, alpha=-lr)
