@@ -177,14 +177,7 @@ def known_labels(loader, train_path: str, entries, indices, device) -> torch.Ten
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = C.parse(DistillConfig, argv, DISTILL_PRESETS, prog=PROG, description=__doc__)
-    try:
-        return train(cfg)
-    except UserError as e:
-        runtime.fail(PROG, str(e))
-    finally:
-        dist.cleanup()
+    return runtime.run_entry(PROG, DistillConfig, DISTILL_PRESETS, __doc__, train, argv)
 
 
 def train(cfg: DistillConfig) -> int:

@@ -333,14 +333,7 @@ def check_subset_honoured(loader, n_images: int | None, world: int, per_rank: in
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = C.parse(FinetuneConfig, argv, FINETUNE_PRESETS, prog=PROG, description=__doc__)
-    try:
-        return train(cfg)
-    except UserError as e:
-        runtime.fail(PROG, str(e))
-    finally:
-        dist.cleanup()
+    return runtime.run_entry(PROG, FinetuneConfig, FINETUNE_PRESETS, __doc__, train, argv)
 
 
 def train(cfg: FinetuneConfig) -> int:

@@ -21,15 +21,20 @@ from loaders.common import list_image_folder
 
 @torch.no_grad()
 def extract(backbone, loader, device, dtype, channels_last=True):
-    """(features [N, C] float32 L2-normalized, labels [N]) over one pass of an eval loader."""
-    backbone.eval()
+    """(features [N, C] float32 L2-normalized, labels [N]) over one pass of an eval loader.
+    ``backbone=None``: the centred pixels of the eval crop (a raw-pixel k-NN reference)."""
+    if backbone is not None:
+        backbone.eval()
     feats, labels = [], []
     for batch in loader:
         x = batch.views[0]
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()):
-            h = backbone(x)
+        if backbone is None:  # the raw-pixel reference: the eval crop itself, flattened
+            h = x.flatten(1) - x.flatten(1).mean(1, keepdim=True)
+        else:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()):
+                h = backbone(x)
         feats.append(F.normalize(h.float(), dim=1))
         labels.append(batch.labels)
     return torch.cat(feats), torch.cat(labels)
@@ -84,7 +89,9 @@ def knn_report(backbone, init_state: Optional[Dict[str, torch.Tensor]], train_pa
         vf, vy = extract(net, loader_for("val", val_path), device, dtype, cfg.model.channels_last)
         return knn_top1(tf, ty, vf, vy)
 
-    out = {"knn_top1": score(backbone)}
+    # Three scores on the same images: the trained backbone, the same backbone at its random init
+    # (BN with its initial running statistics, so its features are nearly degenerate), and raw pixels.
+    out = {"knn_top1": score(backbone), "knn_top1_raw_pixels": score(None)}
     if init_state is not None:
         random_net = copy.deepcopy(backbone)
         prefix = "backbone."

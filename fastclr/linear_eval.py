@@ -235,14 +235,7 @@ def topk(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = C.parse(LinearEvalConfig, argv, LINEAR_PRESETS, prog=PROG, description=__doc__)
-    try:
-        return run(cfg)
-    except UserError as e:
-        runtime.fail(PROG, str(e))
-    finally:
-        dist.cleanup()
+    return runtime.run_entry(PROG, LinearEvalConfig, LINEAR_PRESETS, __doc__, run, argv)
 
 
 def run(cfg: LinearEvalConfig) -> int:

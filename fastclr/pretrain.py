@@ -57,13 +57,7 @@ def main(argv=None) -> int:
     if not argv or (argv[0].startswith("--") and not any(a.startswith("--data.path") for a in argv)
                     and "-h" not in argv and "--help" not in argv):
         argv = ["demo_cpu"] + argv  # no preset and no data: the embedded default
-    cfg = C.parse(C.PretrainConfig, argv, C.PRETRAIN_PRESETS, prog=PROG, description=__doc__)
-    try:
-        return train(cfg)
-    except UserError as e:
-        runtime.fail(PROG, str(e))
-    finally:
-        dist.cleanup()
+    return runtime.run_entry(PROG, C.PretrainConfig, C.PRETRAIN_PRESETS, __doc__, train, argv)
 
 
 def train(cfg: C.PretrainConfig) -> int:
@@ -253,7 +247,8 @@ def train(cfg: C.PretrainConfig) -> int:
         msg = f"{PROG}: done: {step} steps, loss {first_loss} -> {final_loss}"
         if "knn_top1" in summary:
             msg += (f"; k-NN top-1 on val: {summary['knn_top1']:.1%} trained vs "
-                    f"{summary['knn_top1_random_init']:.1%} at random init")
+                    f"{summary['knn_top1_random_init']:.1%} at random init "
+                    f"({summary['knn_top1_raw_pixels']:.1%} on raw pixels)")
         print(msg + f"; logs and checkpoints in {out_dir}", flush=True)
     return 0
 

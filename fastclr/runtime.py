@@ -27,6 +27,20 @@ def fail(prog: str, msg: str, code: int = 2):
     raise SystemExit(code)
 
 
+def run_entry(prog: str, cls, presets, description: str, fn, argv=None) -> int:
+    """An entry point's main(): parse ``[PRESET] --section.key=value`` into ``cls``, run ``fn(cfg)``;
+    a UserError becomes a one-line error with exit code 2; the process group is always torn down."""
+    from fastclr import config as C
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = C.parse(cls, argv, presets, prog=prog, description=description)
+    try:
+        return fn(cfg)
+    except UserError as e:
+        fail(prog, str(e))
+    finally:
+        dist.cleanup()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
