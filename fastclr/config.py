@@ -337,7 +337,10 @@ def parse(cls, argv: Optional[List[str]] = None, presets: Optional[Dict[str, Dic
     try:
         return parse_into(cls(), argv, presets or {}, prog, description)
     except HelpRequested as h:
-        print(h.text)
+        try:
+            print(h.text, flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader left, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
