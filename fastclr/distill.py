@@ -58,7 +58,6 @@ from fastclr.finetune import (
     list_length,
     load_classifier,
     load_pretrained,
-    per_rank_batch,
     resolve_subset_list,
 )
 from fastclr.losses import distill_loss
@@ -191,17 +190,8 @@ def train(cfg: DistillConfig) -> int:
         raise UserError(f"distill.alpha must be in [0, 1], got {d.alpha}")
     if d.cache_teacher and cfg.data.augment != "eval":
         raise UserError("distill.cache_teacher=true needs data.augment=eval (augmented views change)")
-    rank, world = dist.init()
-    device = runtime.resolve_device(cfg.run.device)
-    dtype = runtime.resolve_precision(cfg.run.precision, device)
+    rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir = runtime.start_run(cfg)
     t_dtype = runtime.resolve_precision(d.teacher_precision, device)
-    per_rank = per_rank_batch(cfg.optim, world)
-    train_path, val_path, _ = runtime.resolve_data_path(cfg.data.path, cfg.data.backend, cfg.run.val_path)
-    runtime.seed_everything(cfg.run.seed, rank)
-    runtime.set_deterministic(cfg.run.deterministic)
-    out_dir = cfg.run.out_dir
-    if dist.is_main():
-        C.save_json(cfg, os.path.join(out_dir, "config.json"))
 
     # ------------------------------------------------------------------ teacher
     t_file, teacher, t_state = load_classifier(cfg.teacher)

@@ -340,16 +340,7 @@ def train(cfg: FinetuneConfig) -> int:
     # ------------------------------------------------------------------ setup
     if not cfg.ckpt:
         raise UserError("give --ckpt=PATH (a pretrain.py checkpoint or run dir) or --ckpt=none (scratch)")
-    rank, world = dist.init()
-    device = runtime.resolve_device(cfg.run.device)
-    dtype = runtime.resolve_precision(cfg.run.precision, device)
-    per_rank = per_rank_batch(cfg.optim, world)
-    train_path, val_path, _ = runtime.resolve_data_path(cfg.data.path, cfg.data.backend, cfg.run.val_path)
-    runtime.seed_everything(cfg.run.seed, rank)
-    runtime.set_deterministic(cfg.run.deterministic)
-    out_dir = cfg.run.out_dir
-    if dist.is_main():
-        C.save_json(cfg, os.path.join(out_dir, "config.json"))
+    rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir = runtime.start_run(cfg)
 
     # ------------------------------------------------------------------ model
     classes = dataset_classes(train_path)
@@ -406,14 +397,6 @@ def classifier_optimizer(o: C.OptimConfig):
                   {"params": [fc.bias], "trust": False, "weight_decay": 0.0}]
         return build_optimizer(groups, o, lr)
     return make
-
-
-def per_rank_batch(o: C.OptimConfig, world: int) -> int:
-    per_rank, rem = divmod(o.global_batch_size, world * o.grad_accum)
-    if rem or per_rank < 1:
-        raise UserError(f"optim.global_batch_size={o.global_batch_size} must split into equal per-rank "
-                        f"batches over {world} rank(s) x {o.grad_accum} accumulation steps")
-    return per_rank
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -58,7 +58,6 @@ from fastclr.finetune import (
     eval_loader,
     fit,
     label_subset,
-    per_rank_batch,
 )
 from fastclr.models import LinearHead
 from fastclr.pretrain import build_optimizer
@@ -244,15 +243,7 @@ def run(cfg: LinearEvalConfig) -> int:
         raise UserError("the fast path runs in one process: drop torchrun, or use --fast=false")
     if (cfg.raw_pixels or cfg.standardize) and not cfg.fast:
         raise UserError("raw_pixels and standardize need the fast path (--fast=true)")
-    device = runtime.resolve_device(cfg.run.device)
-    dtype = runtime.resolve_precision(cfg.run.precision, device)
-    per_rank = per_rank_batch(cfg.optim, world)
-    train_path, val_path, _ = runtime.resolve_data_path(cfg.data.path, cfg.data.backend, cfg.run.val_path)
-    runtime.seed_everything(cfg.run.seed, rank)
-    runtime.set_deterministic(cfg.run.deterministic)
-    out_dir = cfg.run.out_dir
-    if dist.is_main():
-        C.save_json(cfg, os.path.join(out_dir, "config.json"))
+    rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir = runtime.start_run(cfg)
 
     classes = dataset_classes(train_path)
     net, arch, source = load_network(cfg, len(classes))

@@ -62,22 +62,11 @@ def main(argv=None) -> int:
 
 def train(cfg: C.PretrainConfig) -> int:
     # ------------------------------------------------------------------ setup
-    rank, world = dist.init()
-    device = runtime.resolve_device(cfg.run.device)
-    dtype = runtime.resolve_precision(cfg.run.precision, device)
     o = cfg.optim
-    per_rank, rem = divmod(o.global_batch_size, world * o.grad_accum)
-    if rem or per_rank < 2:
-        raise UserError(f"optim.global_batch_size={o.global_batch_size} must split into equal per-rank "
-                        f"batches of >= 2 over {world} rank(s) x {o.grad_accum} accumulation steps")
-    train_path, val_path, is_demo = runtime.resolve_data_path(cfg.data.path, cfg.data.backend, cfg.run.val_path)
+    # Contrastive pairs need >= 2 images per rank.
+    rank, world, device, dtype, per_rank, train_path, val_path, is_demo, out_dir = runtime.start_run(cfg, min_batch=2)
     if is_demo:
         dist.print0(f"{PROG}: no data.path given: the Fashion-MNIST demo set at {os.path.dirname(train_path)}")
-    runtime.seed_everything(cfg.run.seed, rank)
-    runtime.set_deterministic(cfg.run.deterministic)
-    out_dir = cfg.run.out_dir
-    if dist.is_main():
-        C.save_json(cfg, os.path.join(out_dir, "config.json"))
 
     # ------------------------------------------------------------------ data
     # Derived, not written back into cfg: the per-rank batch and the views' dtype.

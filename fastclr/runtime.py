@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -135,3 +135,41 @@ def gpu_memory_gb(device: torch.device) -> float:
     if device.type != "cuda":
         return 0.0
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+def per_rank_batch(global_batch: int, grad_accum: int, world: int, minimum: int = 1) -> int:
+    """optim.global_batch_size split over ranks and accumulation steps; a UserError if uneven."""
+    per_rank, rem = divmod(global_batch, world * grad_accum)
+    if rem or per_rank < minimum:
+        raise UserError(f"optim.global_batch_size={global_batch} must split into equal per-rank batches "
+                        f"of >= {minimum} over {world} rank(s) x {grad_accum} accumulation steps")
+    return per_rank
+
+
+class Run(NamedTuple):
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    per_rank: int          # images per rank per micro-step
+    train_path: str
+    val_path: str
+    is_demo: bool
+    out_dir: str
+
+
+def start_run(cfg, min_batch: int = 1) -> Run:
+    """Setup shared by every entry point, before any heavy work: process group, device, precision,
+    per-rank batch, data paths (the demo set when data.path is empty), seeds, determinism, and the
+    resolved config written to run.out_dir/config.json. Bad input raises UserError here."""
+    from fastclr import config as C
+    rank, world = dist.init()
+    device = resolve_device(cfg.run.device)
+    dtype = resolve_precision(cfg.run.precision, device)
+    per_rank = per_rank_batch(cfg.optim.global_batch_size, cfg.optim.grad_accum, world, min_batch)
+    train_path, val_path, is_demo = resolve_data_path(cfg.data.path, cfg.data.backend, cfg.run.val_path)
+    seed_everything(cfg.run.seed, rank)
+    set_deterministic(cfg.run.deterministic)
+    if dist.is_main():
+        C.save_json(cfg, os.path.join(cfg.run.out_dir, "config.json"))
+    return Run(rank, world, device, dtype, per_rank, train_path, val_path, is_demo, cfg.run.out_dir)
