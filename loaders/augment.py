@@ -278,6 +278,17 @@ def adjust_contrast(x: torch.Tensor, factor) -> torch.Tensor:
     return torch.lerp(m, x, _per_sample(factor, x))
 
 
+def _value_chroma(x: torch.Tensor):
+    """(r, g, b, V, C) of [N, 3, H, W]: channels [N, H, W], value V = max, chroma C = max - min."""
+    r, g, b = x.unbind(1)
+    v = torch.maximum(r, g)
+    torch.maximum(v, b, out=v)
+    c = torch.minimum(r, g)
+    torch.minimum(c, b, out=c)
+    torch.sub(v, c, out=c)
+    return r, g, b, v, c
+
+
 def adjust_saturation(x: torch.Tensor, factor) -> torch.Tensor:
     """tf.image.adjust_saturation: HSV saturation ``s -> clip(s * factor, 0, 1)``, H and V kept.
 
@@ -286,12 +297,7 @@ def adjust_saturation(x: torch.Tensor, factor) -> torch.Tensor:
     ``clip(S * f, 0, 1) / S = min(f, V / C)`` (f >= 0). Exact in real arithmetic.
     """
     f = _per_sample(factor, x).clamp_min(0)
-    r, g, b = x.unbind(1)
-    v = torch.maximum(r, g)
-    torch.maximum(v, b, out=v)
-    c = torch.minimum(r, g)
-    torch.minimum(c, b, out=c)
-    torch.sub(v, c, out=c)
+    _, _, _, v, c = _value_chroma(x)
     # C == 0 (gray pixel): V - x == 0, so any finite ratio leaves it unchanged.
     ratio = torch.minimum(torch.div(v, c.clamp_min_(1e-12), out=c), f.view(-1, 1, 1)).unsqueeze(1)
     v = v.unsqueeze(1)
@@ -307,12 +313,7 @@ def _is_max(v: torch.Tensor, ch: torch.Tensor) -> torch.Tensor:
 def _hue_value_chroma(x: torch.Tensor):
     """Hue in TF's six sectors as h6 in [-1, 5] (mod 6 gives [0, 6)), value V = max and chroma
     C = max - min, each [N, H, W]. Where C == 0 the hue is 0 (TF); it does not matter there."""
-    r, g, b = x.unbind(1)
-    v = torch.maximum(r, g)
-    torch.maximum(v, b, out=v)
-    c = torch.minimum(r, g)
-    torch.minimum(c, b, out=c)
-    torch.sub(v, c, out=c)
+    r, g, b, v, c = _value_chroma(x)
     # Same sector choice as TF's rgb_to_hsv kernel: r is max, else g is max, else b. The numerators
     # carry the sector offsets (0, 2C, 4C) so that one division finishes all three.
     h = torch.lerp((r - g).add_(c, alpha=4), (b - r).add_(c, alpha=2), _is_max(v, g))

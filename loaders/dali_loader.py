@@ -385,6 +385,7 @@ class DaliLoader:
             check_batch_fits(self.num_samples, world_size, cfg.batch_size, "dali loader")
         self.steps = steps_per_epoch(self.num_samples, world_size, cfg.batch_size, drop_last=cfg.train)
         self.epoch = 0
+        self._start = 0               # first batch of the next pass (set_epoch's start_step)
         self.last_indices: Optional[np.ndarray] = None
         # DALI cannot skip files (a bad one stops the run): nothing is ever skipped. The attributes
         # exist for the loader contract, like the torch backend's.
@@ -449,7 +450,7 @@ class DaliLoader:
                              shuffle=self.cfg.train)
 
     def __iter__(self):
-        epoch, start = self.epoch, getattr(self, "_start", 0)
+        epoch, start = self.epoch, self._start
         self.epoch += 1  # as the FFCV backend: the next iteration is the next epoch unless set_epoch says
         self._start = 0
         self._end_epoch()

@@ -307,6 +307,7 @@ class FFCVLoader:
         if cfg.train:
             check_batch_fits(self.n, world_size, cfg.batch_size, "ffcv loader")
         self.epoch = 0                # the epoch the next iteration runs
+        self._start = 0               # first batch of the next pass (set_epoch's start_step)
         self._running_epoch = 0       # the epoch whose order FFCV asks for
         self._quasi: Optional[TraversalOrder] = None
         self.last_indices: Optional[np.ndarray] = None
@@ -354,7 +355,7 @@ class FFCVLoader:
         self.epoch, self._start = int(epoch), int(start_step)
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, start = self.epoch, getattr(self, "_start", 0)
+        epoch, start = self.epoch, self._start
         self.epoch += 1  # like FFCV: the next iteration is the next epoch unless set_epoch says otherwise
         self._start = 0
         self._seed_cell[0] = np.uint64(epoch_seed(self.cfg.seed, epoch))  # crops: per sample, rank-free
