@@ -5,9 +5,10 @@
 #
 # Runs on a CPU machine with network to PyPI (and, for the FFCV kit, libturbojpeg0-dev + libopencv-dev
 # installed, as `make install` does). Writes OUT_DIR/carry01, carry02, ...: each folder at most
-# FASTCLR_CARRY_MIB (default 62) MiB, so that each fits one device call (64 MiB carried per call).
+# FASTCLR_CARRY_MIB (default 61) MiB, so that each fits one device call with the working tree (64 MiB
+# carried per call, the ~2.5 MiB source tree included).
 # Files above 60 MiB are split into NAME.part-aa, NAME.part-ab, ... (gpu_suite.sh cats them back).
-# Every folder holds a copy of SHA256SUMS (of the whole files). Groups (--only, default all):
+# Every folder holds a copy of SHA256SUMS (of the whole files). Groups (--only; default below):
 #   dali   nvidia-dali-cuda130 + what it Requires (nvimgcodec[all]: nvjpeg, nvjpeg2k, nvtiff; libnvcomp;
 #          astunparse, gast, six, optree, packaging, nvtx, makefun, libcst, pyyaml, wheel)
 #   ffcv   the ffcv 1.0.2 sdist, its pure-Python runtime deps, and ffcv-native.tar.gz: turbojpeg.h,
@@ -17,7 +18,8 @@
 #   test   pytest, hypothesis and their deps, tqdm
 #   peers  lightly and its deps (pytorch_lightning, hydra-core, ...) for the peer rows
 #   plot   matplotlib and its deps (the PNG charts)
-# Wheels target CPython 3.12, manylinux_2_28 x86_64 (DALI's own tag; pip also accepts older tags).
+# Default groups: dali,ffcv,peers (a stock CUDA PyTorch image has the rest); --only all adds the others.
+# Wheels target CPython 3.12, manylinux x86_64 up to 2_28 (DALI's own tag).
 # Downloads are cached in FASTCLR_CARRY_CACHE (default .bench_cache/gpu-carry-downloads); --offline
 # packs what the cache holds without downloading (e.g. to re-pack with another FASTCLR_CARRY_MIB).
 set -euo pipefail
@@ -25,9 +27,12 @@ set -euo pipefail
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 REPO="$(cd "$(dirname "$SELF")/.." && pwd)"
 PYVER=3.12
-PLATFORM=manylinux_2_28_x86_64
+# pip matches each --platform tag exactly: name every manylinux level up to DALI's 2_28 (nvidia-nvjpeg
+# ships only manylinux2014 / 2_17 wheels).
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+    manylinux_2_12_x86_64 manylinux2010_x86_64 manylinux_2_5_x86_64 manylinux1_x86_64)
 PIECE_MIB=60
-FOLDER_MIB=${FASTCLR_CARRY_MIB:-62}
+FOLDER_MIB=${FASTCLR_CARRY_MIB:-61}
 CACHE=${FASTCLR_CARRY_CACHE:-$REPO/.bench_cache/gpu-carry-downloads}
 ALL_GROUPS="dali,ffcv,tools,test,peers,plot"
 
@@ -91,7 +96,7 @@ except m.PackageNotFoundError:
 download() {  # download SPEC: a cp312 manylinux wheel, else (pure Python only) the sdist
     local spec=$1
     if run "$PY" -m pip download -q --no-deps --dest "$CACHE" --only-binary=:all: \
-        --python-version "$PYVER" --platform "$PLATFORM" "$spec"; then
+        --python-version "$PYVER" "${PLATFORMS[@]/#/--platform=}" "$spec"; then
         return 0
     fi
     echo "  (no wheel for $spec; trying the sdist)"
@@ -144,20 +149,21 @@ native_kit() {  # native_kit DEST_TAR: headers + shared libraries FFCV's setup.p
 
 main() {
     DRY_RUN=0
-    local only=$ALL_GROUPS out="" a offline=0
+    local only="dali,ffcv,peers" out="" a offline=0
     while (( $# )); do
         a=$1
         shift
         case "$a" in
             --dry-run) DRY_RUN=1 ;;
             --offline) offline=1 ;;
-            --only) only=${1:?--only needs a comma list}; shift ;;
+            --only) only=${1:?--only needs a comma list}; shift; [[ "$only" != all ]] || only=$ALL_GROUPS ;;
             -h|--help) usage; exit 0 ;;
             -*) die "unknown option $a (see --help)" ;;
             *) [[ -z "$out" ]] || die "one OUT_DIR only"; out=$a ;;
         esac
     done
     [[ -n "$out" ]] || { usage; die "OUT_DIR missing"; }
+    out=$(realpath -m -- "$out")  # absolute: the checksum step runs in a subshell that cd's elsewhere
     if [[ -n "${PYTHON:-}" ]]; then
         PY=$PYTHON
     elif [[ -x "$REPO/.venv/bin/python" ]]; then

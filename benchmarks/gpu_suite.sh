@@ -20,8 +20,10 @@
 #   install_dali    pip install --no-index --find-links <wheels> nvidia-dali-cuda130 (+ codecs)
 #   install_ffcv    build ffcv 1.0.2 from the sdist against the native kit (pkg-config shim, rpath)
 #   install_peers   lightly (for the peer rows), matplotlib (charts), when carried
+#                   (each install is skipped when its package already imports, e.g. on a warm machine
+#                   where an earlier call installed it)
 #   env             nvidia-smi, torch/DALI/FFCV import check -> OUT_DIR/logs/env.log
-#   pytest_gpu      pytest -m gpu -q, junit xml -> OUT_DIR/junit-gpu.xml
+#   pytest_gpu      pytest -m gpu -q [-k "$FASTCLR_SUITE_PYTEST_K"], junit xml -> OUT_DIR/junit-gpu.xml
 #   throughput      benchmarks/throughput.py --device cuda (all backends) + hw_decoder_load sweep
 # OUT_DIR gets summary.json (every phase: status, exit code, seconds), logs/, gpu.json and charts.
 # Exit status: 0 if no phase failed, 1 otherwise. --dry-run prints every command and checks the
@@ -316,6 +318,10 @@ skip_phase() {  # skip_phase NAME REASON
     record "$1" skipped 0 0 "$2"
 }
 
+importable() {  # importable MODULE: it imports with $PY (always false in a dry run)
+    (( ! DRY_RUN )) && "$PY" -c "import $1" >/dev/null 2>&1
+}
+
 bool() {  # bool N -> true / false
     if (( $1 )); then
         echo true
@@ -421,7 +427,11 @@ main() {
     phase build_tools 60 0 bash "$SELF" __pip_missing "$wheels" setuptools=setuptools wheel=wheel
     phase install_fastclr 90 0 "$PY" -m pip install --no-deps --no-build-isolation -e .
     phase test_deps 60 0 bash "$SELF" __pip_missing "$wheels" pytest=pytest hypothesis=hypothesis tqdm=tqdm
-    if has "nvidia_dali_cuda*.whl"; then
+    # A package that already imports (installed by an earlier call on this warm machine, or by the
+    # image) is not installed again: the phase is recorded as skipped with that reason.
+    if importable nvidia.dali; then
+        skip_phase install_dali "nvidia.dali already importable"
+    elif has "nvidia_dali_cuda*.whl"; then
         # The wheel itself (cuda130, or cuda120 if that is what was carried); deps from the wheels dir.
         local dali_whl="$wheels/$DALI_PKG-*.whl"
         if (( ! DRY_RUN )); then
@@ -431,12 +441,16 @@ main() {
     else
         skip_phase install_dali "no nvidia_dali wheel in $CARRY_DIR (make gpu-carry)"
     fi
-    if has "ffcv-native.tar.gz"; then
+    if LD_LIBRARY_PATH="$native/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" importable ffcv.libffcv; then
+        skip_phase install_ffcv "ffcv already importable"
+    elif has "ffcv-native.tar.gz"; then
         phase install_ffcv 180 0 bash "$SELF" __install_ffcv "$wheels" "$native"
     else
         skip_phase install_ffcv "no ffcv sdist + ffcv-native.tar.gz in $CARRY_DIR (make gpu-carry)"
     fi
-    if has "lightly-*.whl"; then
+    if importable lightly; then
+        skip_phase install_peers "lightly already importable"
+    elif has "lightly-*.whl"; then
         phase install_peers 90 0 "${pipw[@]}" lightly
     else
         skip_phase install_peers "no lightly wheel in $CARRY_DIR: peer rows from lightly will be skipped"
@@ -451,7 +465,12 @@ main() {
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # works even if the editable install failed
     phase env 30 0 bash "$SELF" __env
     # pytest leaves >= 240 s of the budget to the benchmark.
-    phase pytest_gpu 150 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT_DIR/junit-gpu.xml"
+    # FASTCLR_SUITE_PYTEST_K narrows the GPU tests (pytest -k), e.g. to "dali" when an earlier call on the
+    # same machine already ran the others.
+    local -a kexpr=()
+    [[ -z "${FASTCLR_SUITE_PYTEST_K:-}" ]] || kexpr=(-k "$FASTCLR_SUITE_PYTEST_K")
+    phase pytest_gpu 150 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${kexpr[@]+"${kexpr[@]}"}" \
+        --junitxml="$OUT_DIR/junit-gpu.xml"
     phase throughput 330 0 "$PY" benchmarks/throughput.py --device cuda --out "$OUT_DIR/gpu.json" --sweep "$SWEEP"
     if (( ! DRY_RUN )) && [[ -f "$OUT_DIR/logs/throughput.log" ]]; then
         grep -v '^\[throughput\]' "$OUT_DIR/logs/throughput.log" | tail -n 80 || true

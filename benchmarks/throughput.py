@@ -487,6 +487,11 @@ def loader_variants(args, device) -> list[tuple]:
         out.append((f"fastclr {b}", b, {}))
         if b == "torch" and torch.device(device).type == "cuda":
             out.append(("fastclr torch (nvJPEG decode)", b, {"decode_device": "cuda"}))
+        if b == "dali" and torch.device(device).type == "cuda" and getattr(args, "variants", True):
+            # Issue 6's two open choices, measured against the default row above in the same run:
+            # ROI decode per view vs decode once + crop twice, and DALI-native vs torch photometry.
+            out.append(("fastclr dali (ROI decode per view)", b, {"dali_roi_decode": True}))
+            out.append(("fastclr dali (DALI-native photometry)", b, {"dali_photometry": "dali"}))
     return out
 
 
@@ -1269,7 +1274,8 @@ def apply_overrides(plan: Plan, args) -> Plan:
     return replace(plan, **kw)
 
 
-def run_stages(bench: Bench, names) -> dict:
+def run_stages(bench: Bench, names, on_stage=None) -> dict:
+    """Run the named stages in order; ``on_stage(out)`` after each (the partial results so far)."""
     out = {}
     for name in names:
         log(f"stage {name} ...")
@@ -1282,6 +1288,8 @@ def run_stages(bench: Bench, names) -> dict:
         st["seconds"] = round(time.perf_counter() - t0, 2)
         out[name] = st
         print(stage_table(name, st), flush=True)
+        if on_stage is not None:
+            on_stage(out)
     return out
 
 
@@ -1317,11 +1325,43 @@ def main(argv=None) -> int:
         f"backends {','.join(args.backends)}, peers {'on' if args.peers else 'off'}")
     data = Data(args, plan)
     bench = Bench(args, plan, data)
-    stages = run_stages(bench, args.stages)
-    ratios = compute_ratios(stages, plan)
+    stages: dict = {}
+    sweeps: list = []
+    ratios: dict = {}
+
+    def save(complete: bool) -> dict:
+        """Write the JSON. Also called after every stage and sweep point with complete=false, so a run
+        killed by a time limit (the GPU suite's) still leaves what it measured."""
+        meta = {
+            "device": device_name(args.device), "device_type": args.device, "cpu_model": cpu_model(),
+            "cpu_count": _cpu_count(), "gpu_count": torch.cuda.device_count() if args.device == "cuda" else 0,
+            "versions": versions(), "git_sha": sha, "git_dirty": dirty, "tf32": args.device == "cuda",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "platform": platform.platform(),
+            "args": {k: (v if not isinstance(v, tuple) else list(v)) for k, v in vars(args).items()},
+            "config": asdict(plan),
+            "data": {"folder": data.folder, "beton": data.beton, "generated": data.generated,
+                     "images": len(data.samples), "jpeg_quality": 90 if data.generated else None,
+                     "beton_max_resolution": "original" if data.generated else None},
+            "complete": complete, "seconds": None,
+        }
+        result = {"meta": meta, "stages": stages, "ratios": ratios or compute_ratios(stages, plan),
+                  "sweeps": sweeps}
+        if complete and not args.no_chart:
+            meta["charts"] = charts(stages, out_path)
+            if "_skipped" in meta["charts"]:
+                log(meta["charts"]["_skipped"])
+        meta["seconds"] = round(time.perf_counter() - t_start, 1)
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+            f.write("\n")
+        os.replace(tmp, out_path)
+        return meta
+
+    stages.update(run_stages(bench, args.stages, on_stage=lambda done: (stages.update(done), save(False))))
+    ratios.update(compute_ratios(stages, plan))
     print(ratio_table(ratios), flush=True)
 
-    sweeps = []
     for param, values in args.sweep:
         names = [s for s in args.stages if s in SWEEPABLE[param]]
         if not names:
@@ -1332,7 +1372,7 @@ def main(argv=None) -> int:
         note = None
         if param == "hw_decoder_load":
             sub_args = argparse.Namespace(**{**vars(args), "backends": [b for b in args.backends if b == "dali"],
-                                             "peers": False})
+                                             "peers": False, "variants": False})
             if not sub_args.backends:
                 sweeps.append({"param": param, "status": "skipped", "reason": "needs the dali backend"})
                 continue
@@ -1346,30 +1386,9 @@ def main(argv=None) -> int:
             if note:
                 point["note"] = note
             sweeps.append(point)
+            save(False)
 
-    meta = {
-        "device": device_name(args.device), "device_type": args.device, "cpu_model": cpu_model(),
-        "cpu_count": _cpu_count(), "gpu_count": torch.cuda.device_count() if args.device == "cuda" else 0,
-        "versions": versions(), "git_sha": sha, "git_dirty": dirty, "tf32": args.device == "cuda",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "platform": platform.platform(),
-        "args": {k: (v if not isinstance(v, tuple) else list(v)) for k, v in vars(args).items()},
-        "config": asdict(plan),
-        "data": {"folder": data.folder, "beton": data.beton, "generated": data.generated,
-                 "images": len(data.samples), "jpeg_quality": 90 if data.generated else None,
-                 "beton_max_resolution": "original" if data.generated else None},
-        "seconds": None,
-    }
-    result = {"meta": meta, "stages": stages, "ratios": ratios, "sweeps": sweeps}
-    if not args.no_chart:
-        meta["charts"] = charts(stages, out_path)
-        if "_skipped" in meta["charts"]:
-            log(meta["charts"]["_skipped"])
-    meta["seconds"] = round(time.perf_counter() - t_start, 1)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, out_path)
+    meta = save(True)
     print(f"wrote {out_path} ({meta['seconds']:.0f} s)", flush=True)
     return 0
 

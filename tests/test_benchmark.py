@@ -51,6 +51,28 @@ def test_quick_meta(quick_result):
         assert pkg in meta["versions"], f"versions lacks {pkg}"
     assert meta["versions"]["torch"]
     assert meta["args"]["quick"] is True and meta["args"]["backends"] == ["torch"]
+    assert meta["complete"] is True
+
+
+def test_killed_run_leaves_partial_json(tmp_path, monkeypatch):
+    """The GPU suite kills throughput.py at its time limit: what was measured before must be on disk."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("throughput_partial", THROUGHPUT)
+    tp = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, tp)  # dataclasses look their module up there
+    spec.loader.exec_module(tp)
+
+    def killed(self):
+        raise KeyboardInterrupt  # what a SIGINT/timeout does mid-stage: not caught as a stage failure
+
+    monkeypatch.setattr(tp.Bench, "stage_decode", killed)
+    out = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(["--quick", "--backends", "torch", "--no-peers", "--stages", "read,decode", "--out", str(out),
+                 "--cache", str(tmp_path / "cache"), "--no-chart"])
+    res = json.loads(out.read_text())
+    assert res["meta"]["complete"] is False
+    assert list(res["stages"]) == ["read"] and res["stages"]["read"]["status"] == "ok"
 
 
 def test_quick_every_stage_ok_or_skipped_with_reason(quick_result):
