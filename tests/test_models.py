@@ -422,3 +422,46 @@ def test_convert_sync_bn_when_distributed(monkeypatch, capsys, backend):
         return
     assert len(syncs) == n_bn
     assert out.head.layers[-1].bn.bias is None and out.head.layers[-1].bn.weight is last_gamma
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pretrain_step_on_cuda_matches_cpu():
+    """The training step as pretrain.py runs it on a GPU (channels_last, NT-Xent, fused LARS) gives the
+    CPU's loss and update in fp32 (TF32 off), and close ones under bf16 autocast."""
+    from fastclr.lars import LARS
+    from fastclr.losses import nt_xent
+
+    torch.manual_seed(0)
+    ref = build_model(**parse_model_name("r18_1x_sk0")).train()
+    x = torch.rand(16, 3, 64, 64)
+    before = torch.cat([p.detach().flatten() for p in ref.parameters()])
+
+    def step(device, dtype):
+        model = copy.deepcopy(ref).to(device).to(memory_format=torch.channels_last)
+        opt = LARS(model.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-6, eta=1e-3, mode="tf")
+        xs = x.to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+            _, z = model(xs)
+        z1, z2 = z.float().chunk(2)
+        loss = nt_xent(z1, z2, 0.1)
+        loss.backward()
+        opt.step()
+        after = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
+        return loss.item(), after - before
+
+    loss_cpu, d_cpu = step("cpu", torch.float32)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            loss_gpu, d_gpu = step("cuda", torch.float32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert d_cpu.norm() > 0
+    assert loss_gpu == pytest.approx(loss_cpu, rel=1e-4)
+    assert F.cosine_similarity(d_gpu, d_cpu, dim=0) > 0.999
+    assert d_gpu.norm() == pytest.approx(d_cpu.norm().item(), rel=1e-3)
+    loss_bf16, d_bf16 = step("cuda", torch.bfloat16)
+    assert math.isfinite(loss_bf16) and loss_bf16 == pytest.approx(loss_cpu, rel=5e-2)
+    assert torch.isfinite(d_bf16).all() and F.cosine_similarity(d_bf16, d_cpu, dim=0) > 0.9

@@ -31,9 +31,12 @@ class ProjectionLayer(nn.Module):
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim, bias=False)  # BN follows: no bias (TF)
         nn.init.normal_(self.linear.weight, std=0.01)
-        # TF's last layer: BN(center=False), a scale but no shift (BatchNorm bias=False;
-        # convert_sync_batchnorm carries it over).
-        self.bn = nn.BatchNorm1d(out_dim, eps=BN_EPS, momentum=BN_MOMENTUM, bias=relu)
+        # TF's last layer: BN(center=False), a scale but no shift. The shift is removed by hand rather
+        # than with BatchNorm1d(bias=False), which torch < 2.14 lacks (it failed on the GPU image's 2.11);
+        # F.batch_norm takes bias=None, and convert_sync_batchnorm copies the None over.
+        self.bn = nn.BatchNorm1d(out_dim, eps=BN_EPS, momentum=BN_MOMENTUM)
+        if not relu:
+            self.bn.bias = None
         self.relu = nn.ReLU(inplace=True) if relu else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
