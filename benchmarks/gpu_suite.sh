@@ -25,6 +25,7 @@
 #   env             nvidia-smi, torch/DALI/FFCV import check -> OUT_DIR/logs/env.log
 #   pytest_gpu      pytest -m gpu -q [-k "$FASTCLR_SUITE_PYTEST_K"], junit xml -> OUT_DIR/junit-gpu.xml
 #   throughput      benchmarks/throughput.py --device cuda (all backends) + hw_decoder_load sweep
+#                   [+ $FASTCLR_SUITE_THROUGHPUT_ARGS]
 # OUT_DIR gets summary.json (every phase: status, exit code, seconds), logs/, gpu.json and charts.
 # Exit status: 0 if no phase failed, 1 otherwise. --dry-run prints every command and checks the
 # carry layout without running anything (works on a CPU machine).
@@ -471,7 +472,12 @@ main() {
     [[ -z "${FASTCLR_SUITE_PYTEST_K:-}" ]] || kexpr=(-k "$FASTCLR_SUITE_PYTEST_K")
     phase pytest_gpu 150 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${kexpr[@]+"${kexpr[@]}"}" \
         --junitxml="$OUT_DIR/junit-gpu.xml"
-    phase throughput 330 0 "$PY" benchmarks/throughput.py --device cuda --out "$OUT_DIR/gpu.json" --sweep "$SWEEP"
+    # FASTCLR_SUITE_THROUGHPUT_ARGS: extra throughput.py options, appended (a later --stages wins), e.g.
+    # "--stages augment,e2e,step" when an earlier call on the same machine measured the other stages.
+    local -a targs=()
+    [[ -z "${FASTCLR_SUITE_THROUGHPUT_ARGS:-}" ]] || read -r -a targs <<< "$FASTCLR_SUITE_THROUGHPUT_ARGS"
+    phase throughput 330 0 "$PY" benchmarks/throughput.py --device cuda --out "$OUT_DIR/gpu.json" --sweep "$SWEEP" \
+        "${targs[@]+"${targs[@]}"}"
     if (( ! DRY_RUN )) && [[ -f "$OUT_DIR/logs/throughput.log" ]]; then
         grep -v '^\[throughput\]' "$OUT_DIR/logs/throughput.log" | tail -n 80 || true
     fi

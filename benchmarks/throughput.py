@@ -749,8 +749,9 @@ class Bench:
                     if compiled and (dname != p.dtypes[0] or (p.compile and arch != p.archs[0])):
                         continue  # compile one model (first arch, training dtype): compile time is the cost
                     if compiled and not p.compile:
-                        rows.append(skipped_row(name, "torch.compile off by default on CPU (compile time dominates a "
-                                                "short run); pass --compile", arch=arch, dtype=dname))
+                        why = ("--no-compile given" if self.cuda else
+                               "torch.compile off by default on CPU (compile time dominates a short run); pass --compile")
+                        rows.append(skipped_row(name, why, arch=arch, dtype=dname))
                         continue
                     if dtype == torch.float16 and not self.cuda:
                         rows.append(skipped_row(name, "fp16 needs a GPU", arch=arch, dtype=dname))
@@ -1093,6 +1094,11 @@ def compute_ratios(stages: dict, plan: Plan) -> dict:
                                              reason="loss stage not run, or lightly missing")
     # Chunked loss: memory per image must not grow with B (total memory linear, not quadratic).
     ch = sorted(_ok_rows(stages, "loss", impl="fastclr-chunked"), key=lambda r: r["batch"])
+    # Compare only batches where chunking is active (B >= the chunk): below it one chunk holds the whole
+    # similarity matrix, and the per-image cost is that of the dense loss (the GPU plan's B=256 < 1024).
+    active = [r for r in ch if r["batch"] >= plan.loss_chunk]
+    if len(active) >= 2:
+        ch = active
     dn = sorted(_ok_rows(stages, "loss", impl="fastclr-dense"), key=lambda r: r["batch"])
     if len(ch) >= 2 and ch[0]["peak_mem_bytes"]:
         growth = ch[-1]["peak_mem_per_image"] / ch[0]["peak_mem_per_image"]

@@ -234,3 +234,31 @@ def test_shellcheck(script):
         pytest.skip("shellcheck not installed")
     proc = _run(["shellcheck", "-x", str(script)], timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_merge_results_keeps_measured_stages(quick_result, tmp_path):
+    """merge_results: a stage that failed in a later run keeps the earlier measurement; a later
+    measurement replaces an earlier failure; each stage names its run; ratios are recomputed."""
+    res, _, _ = quick_result
+    first = json.loads(json.dumps(res))
+    second = json.loads(json.dumps(res))
+    first["stages"]["optim"] = {"status": "skipped", "reason": "failed: boom", "rows": []}
+    second["stages"]["loss"] = {"status": "skipped", "reason": "failed: bang", "rows": []}
+    del second["stages"]["read"]
+    paths = []
+    for name, doc in (("a.json", first), ("b.json", second)):
+        (tmp_path / name).write_text(json.dumps(doc))
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "merged.json"
+    proc = _run([sys.executable, str(ROOT / "benchmarks" / "merge_results.py"), str(out), *paths, "--no-chart"],
+                timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(out.read_text())
+    st = merged["stages"]
+    assert st["optim"]["source"] == "b.json" and st["optim"]["rows"] == res["stages"]["optim"]["rows"]
+    assert st["loss"]["source"] == "a.json" and st["loss"]["status"] == res["stages"]["loss"]["status"]
+    assert st["read"]["source"] == "a.json"
+    assert [m["file"] for m in merged["meta"]["merged_from"]] == ["a.json", "b.json"]
+    assert merged["ratios"].keys() == res["ratios"].keys()
+    for k, r in res["ratios"].items():
+        assert merged["ratios"][k].get("value") == r.get("value"), k

@@ -1,0 +1,77 @@
+"""Merge throughput.py results whose stages were measured in separate runs into one JSON.
+
+    python benchmarks/merge_results.py OUT.json RUN1.json RUN2.json ...
+
+For a GPU suite split over several device leases (a run that failed in one stage, rerun for that
+stage alone): a stage comes from the last input where it is not skipped, and records which run it
+came from (``stage["source"]``). Ratios are recomputed, since each one compares rows of one stage,
+which were measured side by side in one run. The charts are redrawn next to OUT.json. The meta block
+is the last input's, with ``merged_from`` listing every input's date, git sha, host and stages.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import throughput
+
+
+def merge(docs: list[tuple[str, dict]]) -> dict:
+    stages: dict = {}
+    sweeps: list = []
+    merged_from = []
+    for path, doc in docs:
+        meta = doc["meta"]
+        devices = {d["meta"]["device"] for _, d in docs}
+        if len(devices) > 1:
+            raise SystemExit(f"merge_results: inputs ran on different devices {sorted(devices)}: not comparable")
+        name = os.path.basename(path)
+        merged_from.append({"file": name, "date": meta.get("date"), "git_sha": meta.get("git_sha"),
+                            "host": meta.get("host"), "complete": meta.get("complete"),
+                            "stages": {k: v.get("status") for k, v in doc["stages"].items()}})
+        for key, st in doc["stages"].items():
+            if st.get("status") == "skipped" and key in stages:
+                continue  # keep the earlier measurement over a later failure
+            stages[key] = {**st, "source": name}
+        for sw in doc.get("sweeps", []):
+            sweeps.append({**sw, "source": name})
+    last = docs[-1][1]["meta"]
+    plan = throughput.Plan(**last["config"])
+    meta = {**last, "merged_from": merged_from, "charts": None}
+    order = [s for s in throughput.STAGES if s in stages]
+    return {"meta": meta, "stages": {k: stages[k] for k in order},
+            "ratios": throughput.compute_ratios(stages, plan), "sweeps": sweeps}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("out", help="merged JSON to write")
+    ap.add_argument("inputs", nargs="+", help="throughput.py JSONs, oldest first (later ones win per stage)")
+    ap.add_argument("--no-chart", action="store_true", help="skip the PNG charts")
+    args = ap.parse_args(argv)
+    docs = []
+    for p in args.inputs:
+        try:
+            with open(p) as f:
+                docs.append((p, json.load(f)))
+        except (OSError, ValueError) as e:
+            ap.error(f"cannot read {p}: {e}")
+    result = merge(docs)
+    if not args.no_chart:
+        result["meta"]["charts"] = throughput.charts(result["stages"], args.out)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, args.out)
+    print(throughput.ratio_table(result["ratios"]))
+    print(f"wrote {args.out} from {len(docs)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
