@@ -140,17 +140,28 @@ def distill_step(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor,
     return loss, (s.argmax(1) == t.argmax(1)).float().mean()
 
 
+def batch_ids(loader) -> np.ndarray:
+    """Sample ids of the images in the loader's last batch. The torch backend replaces an unreadable
+    image by the next readable one (``last_used_indices``); DALI and FFCV never hold a bad file
+    (validated list, converter), so there the batch's ids are ``last_indices``."""
+    used = getattr(loader, "last_used_indices", None)
+    return np.asarray(loader.last_indices if used is None else used)
+
+
 @torch.no_grad()
 def cache_logits(teacher: nn.Module, loader, n: int, num_classes: int, device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:
-    """[n, C] teacher logits of every sample, indexed by sample id (one in-order pass of ``loader``)."""
+    """[n, C] teacher logits of every sample, indexed by sample id (one in-order pass of ``loader``).
+    The rows of unreadable images stay NaN: training never meets those ids (see ``batch_ids``)."""
     out = torch.full((n, num_classes), float("nan"), device=device)
     for batch in loader:
-        idx = torch.as_tensor(np.asarray(loader.last_indices), device=device)
+        idx = torch.as_tensor(batch_ids(loader), device=device)
         out[idx] = teacher_logits(teacher, batch.views[0], device, dtype)
     missing = int(torch.isnan(out[:, 0]).sum())
-    if missing:
-        raise UserError(f"the teacher cache pass missed {missing} of {n} samples (no loader.last_indices?)")
+    skipped = int(getattr(loader, "num_skipped", 0) or 0)
+    if missing > skipped:
+        raise UserError(f"the teacher cache pass missed {missing - skipped} of {n} samples "
+                        "(no loader.last_indices?)")
     return out
 
 
@@ -266,7 +277,7 @@ def train(cfg: DistillConfig) -> int:
         x = batch.views[0]
         ids = None
         if cache is not None or labels_of is not None:
-            ids = torch.as_tensor(np.asarray(loader.last_indices), device=device)
+            ids = torch.as_tensor(batch_ids(loader), device=device)
         cached = cache[ids] if cache is not None else None
         labels = labels_of[ids] if labels_of is not None else None
         return distill_step(fwd, teacher, x, d.temperature, labels, d.alpha, cached, t_dtype)

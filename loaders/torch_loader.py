@@ -28,6 +28,8 @@ the last epoch, and one summary line is logged at its end. Readable odd files (C
 Debug hook shared with the other backends' contract test: ``loader.last_indices`` is the int64 array
 of dataset indices (into ``loader.samples``) of the batch last yielded (before bad-file
 replacement); ``loader.epoch_indices(e)`` the ordered indices epoch ``e`` visits on this rank.
+``loader.last_used_indices`` are the indices of the images actually in that batch (after
+replacement): what per-sample caches keyed by image (distill's teacher logits) must use.
 """
 from __future__ import annotations
 
@@ -309,6 +311,7 @@ class TorchLoader:
         self.bad_files: List[Tuple[str, str]] = []
         self.num_skipped = 0
         self.last_indices: Optional[np.ndarray] = None
+        self.last_used_indices: Optional[np.ndarray] = None
         self._dl = None
 
     def __len__(self) -> int:
@@ -389,17 +392,19 @@ class TorchLoader:
         for b, item in enumerate(self._prefetched(iter(self._dataloader())), start=first):
             self._record_failures(item["failed"])
             self.last_indices = item["index"].numpy()
+            used = item["used"]
             labels = item["labels"]
             if "views" in item:  # colour ops done in the worker
                 views = item["views"]
             else:
                 if self.main_decode_device is not None:
                     crops, src = self._decode_and_crop(item)
-                    labels = labels[src]
+                    labels, used = labels[src], used[src]
                 else:
                     crops = item["crops"]
                 gen = photometry_generator(self.cfg.seed, epoch, self.rank, b, self.photometry_device)
                 views = augment.finish_views(crops, self.spec, gen, self.dtype, device=self.photometry_device)
+            self.last_used_indices = used.numpy()
             views = [v.to(self.device, non_blocking=True) for v in views]
             yield Batch(views, labels.to(self.device, non_blocking=True))
         if self.num_skipped:

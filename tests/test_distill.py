@@ -78,6 +78,29 @@ def test_cached_logits_are_indexed_by_sample_id(image_folder):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_cached_logits_follow_the_images_actually_used(mixed_folder):
+    """With unreadable files the torch backend puts the next readable image in their slot; the cached
+    teacher logits must be those of the image the student sees, not of the unreadable one."""
+    teacher, _ = nets()
+    teacher.fc = torch.nn.Linear(teacher.fc.in_features, 4)
+    teacher.eval()
+    cfg = loaders.LoaderConfig(path=mixed_folder, augment="eval", image_size=32, batch_size=5, num_workers=0,
+                               train=False)
+    cache_loader = loaders.build(cfg)
+    n = len(cache_loader.samples)
+    cache = ds.cache_logits(teacher, cache_loader, n, 4, torch.device("cpu"), torch.float32)
+    assert cache_loader.num_skipped > 0  # the fixture's bad files were met
+    train = loaders.build(dataclasses.replace(cfg, train=True, batch_size=8, seed=3))
+    replaced = 0
+    for e in range(2):
+        train.set_epoch(e)
+        for batch in train:
+            replaced += int((train.last_used_indices != train.last_indices).sum())
+            got = cache[torch.as_tensor(ds.batch_ids(train))]
+            torch.testing.assert_close(got, teacher(batch.views[0]), rtol=1e-4, atol=1e-5)
+    assert replaced > 0  # some batch held a replacement
+
+
 def test_presets_follow_the_paper_temperatures():
     for name, tau in [("imagenet_distill", 1.0), ("demo_distill", 1.0),
                       ("imagenet_self_distill", 0.1), ("demo_self_distill", 0.1)]:
