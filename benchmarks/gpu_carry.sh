@@ -26,6 +26,8 @@ set -euo pipefail
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 REPO="$(cd "$(dirname "$SELF")/.." && pwd)"
+# shellcheck source=benchmarks/_lib.sh
+source "$(dirname "$SELF")/_lib.sh"
 PYVER=3.12
 # pip matches each --platform tag exactly: name every manylinux level up to DALI's 2_28 (nvidia-nvjpeg
 # ships only manylinux2014 / 2_17 wheels).
@@ -66,16 +68,7 @@ die() {
 }
 
 run() {  # print, then run unless --dry-run
-    local a re='^[][A-Za-z0-9_./=:,+@%-]+$'
-    printf '  $'
-    for a in "$@"; do
-        if [[ "$a" =~ $re ]]; then
-            printf ' %s' "$a"
-        else
-            printf ' %q' "$a"
-        fi
-    done
-    printf '\n'
+    show_cmd "$@"
     (( DRY_RUN )) || "$@"
 }
 

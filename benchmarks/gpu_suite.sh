@@ -33,6 +33,8 @@ set -euo pipefail
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 REPO="$(cd "$(dirname "$SELF")/.." && pwd)"
+# shellcheck source=benchmarks/_lib.sh
+source "$(dirname "$SELF")/_lib.sh"
 SWEEP="hw_decoder_load=0.0,0.65,0.9"
 DALI_PKG="nvidia_dali_cuda130"
 
@@ -255,19 +257,6 @@ record() {  # record NAME STATUS RC SECONDS REASON
     if [[ "$2" == failed ]]; then
         FAILED=1
     fi
-}
-
-show_cmd() {  # a copy-pasteable command line (plain words unquoted)
-    local a re='^[][A-Za-z0-9_./=:,+@%-]+$'
-    printf '  $'
-    for a in "$@"; do
-        if [[ "$a" =~ $re ]]; then
-            printf ' %s' "$a"
-        else
-            printf ' %q' "$a"
-        fi
-    done
-    printf '\n'
 }
 
 # phase NAME MAX_S RESERVE_S CMD...: run CMD under timeout min(MAX_S, time left - RESERVE_S).

@@ -228,7 +228,7 @@ def test_gpu_carry_dry_run(tmp_path):
     assert not (tmp_path / "carry").exists()
 
 
-@pytest.mark.parametrize("script", [SUITE, CARRY], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [SUITE, CARRY, ROOT / "benchmarks" / "_lib.sh"], ids=lambda p: p.name)
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed")
