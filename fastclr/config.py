@@ -79,7 +79,9 @@ class LossConfig:
 
 
 @dataclass
-class RunConfig:
+class BaseRunConfig:
+    """The ``run`` fields every entry point shares (pretrain's RunConfig, finetune/distill/linear_eval's
+    TrainRunConfig add theirs and override the defaults that differ)."""
     out_dir: str = _f("runs/pretrain", "run directory: config.json, log.jsonl, checkpoints")
     seed: int = _f(0, "global seed (each rank derives its own)")
     device: str = _f("auto", "auto (cuda if available), cuda or cpu", ("auto", "cuda", "cpu"))
@@ -90,11 +92,15 @@ class RunConfig:
     keep_last: int = _f(3, "checkpoints kept")
     resume: str = _f("", "'' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path")
     deterministic: bool = _f(False, "deterministic algorithms (CPU exact-resume tests)")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class RunConfig(BaseRunConfig):
     knn_eval: bool = _f(True, "k-NN top-1 on the val set at the end (trained vs random init)")
     val_path: str = _f("", "val ImageFolder for k-NN (empty: the demo val set when data.path is empty)")
     knn_train_size: int = _f(10000, "k-NN: train images in the feature bank (class-balanced subset)")
     knn_val_size: int = _f(2000, "k-NN: val images scored")
-    progress: bool = _f(True, "show a progress bar")
 
 
 @dataclass

@@ -47,7 +47,7 @@ import loaders
 from fastclr import checkpoint as ckpt
 from fastclr import config as C
 from fastclr import dist, runtime
-from fastclr.config import _f
+from fastclr.config import BaseRunConfig, _f
 from fastclr.models import LinearHead, build_model, convert_sync_bn
 from fastclr.pretrain import build_optimizer, model_kwargs
 from fastclr.runtime import UserError
@@ -71,23 +71,15 @@ class SubsetConfig:
 
 
 @dataclass
-class TrainRunConfig:
-    """The ``run`` section of finetune / distill / linear_eval."""
+class TrainRunConfig(BaseRunConfig):
+    """The ``run`` section of finetune / distill / linear_eval: pretrain's shared fields, other
+    defaults, and val evaluation instead of k-NN."""
     out_dir: str = _f("runs/finetune", "run directory: config.json, log.jsonl, checkpoints, best.pt")
-    seed: int = _f(0, "global seed")
-    device: str = _f("auto", "auto (cuda if available), cuda or cpu", ("auto", "cuda", "cpu"))
-    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16",
-                        ("auto", "fp32", "bf16", "fp16"))
-    max_steps: Optional[int] = _f(None, "stop after this many steps (none = all epochs)")  # noqa: UP045
-    log_every: int = _f(20, "steps between train logs (the only host syncs of the loop)")
     ckpt_every: int = _f(1000, "steps between checkpoints (also one after every eval and at the end)")
     keep_last: int = _f(2, "rolling checkpoints kept (best.pt is kept apart)")
-    resume: str = _f("", "'' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path")
-    deterministic: bool = _f(False, "deterministic algorithms")
     val_path: str = _f("", "val ImageFolder (empty: the demo val set when data.path is empty, else no eval)")
     eval_every: int = _f(1, "epochs between val evaluations (0 = only at the end)")
     eval_batch_size: int = _f(256, "val batch size")
-    progress: bool = _f(True, "show a progress bar")
 
 
 @dataclass
