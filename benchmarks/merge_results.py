@@ -43,7 +43,7 @@ def merge(docs: list[tuple[str, dict]]) -> dict:
     meta = {**last, "merged_from": merged_from, "charts": None}
     order = [s for s in throughput.STAGES if s in stages]
     return {"meta": meta, "stages": {k: stages[k] for k in order},
-            "ratios": throughput.compute_ratios(stages, plan), "sweeps": sweeps}
+            "ratios": throughput.compute_ratios(stages, plan, last.get("device_type", "cpu")), "sweeps": sweeps}
 
 
 def main(argv=None) -> int:

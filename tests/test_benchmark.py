@@ -20,7 +20,7 @@ SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 CARRY = ROOT / "benchmarks" / "gpu_carry.sh"
 STAGES = ("read", "decode", "geometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
 RATIOS = ("augment_vs_torchvision", "augment_vs_lightly", "lars_fused_vs_loop", "ntxent_vs_lightly",
-          "loss_chunked_memory_flat")
+          "loss_chunked_memory_flat", "e2e_vs_synthetic_step", "loader_two_view_images_per_s")
 
 
 def _run(cmd, timeout, env=None, cwd=ROOT):
@@ -128,6 +128,13 @@ def test_quick_ratios(quick_result):
     optim = {r["impl"]: r for r in res["stages"]["optim"]["rows"] if r.get("status") != "skipped"}
     if {"fastclr", "loop"} <= set(optim):
         assert res["ratios"]["lars_fused_vs_loop"]["value"] is not None
+    e2e = [r for r in res["stages"]["e2e"]["rows"] if r.get("status") != "skipped"]
+    step = [r for r in res["stages"]["step"]["rows"] if r.get("status") != "skipped"]
+    if e2e and step:
+        ratio = res["ratios"]["e2e_vs_synthetic_step"]["value"]
+        assert ratio == pytest.approx(max(r["images_per_s"] for r in e2e) / step[0]["images_per_s"], rel=1e-2)
+    # an H100 goal: a CPU run names why it is not scored
+    assert res["ratios"]["loader_two_view_images_per_s"]["value"] is None
 
 
 def test_quick_charts(quick_result):
