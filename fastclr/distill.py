@@ -101,12 +101,13 @@ _IMAGENET_D = {
     "optim.weight_decay": 1e-4, "optim.warmup_epochs": 10, "optim.epochs": 400,
     "run.eval_batch_size": 500, "run.eval_every": 10, "run.ckpt_every": 2500,
 }
-# Demo: Fashion-MNIST 32px on CPU; one pass over the 60k unlabeled train images by default.
+# Demo: Fashion-MNIST 32px on CPU; two passes over the 60k unlabeled train images (one pass left the
+# fresh R18 student 1.2 points under its 1 %-label teacher: 76.0 vs 77.2, make semisup 2026-11-28).
 _DEMO_D = {
     "data.path": "", "data.image_size": 32, "data.augment": "finetune", "data.num_workers": 2,
     "data.dtype": "float32", "model.depth": 18, "model.width": 1, "model.cifar_stem": False,
     "optim.global_batch_size": 256, "optim.base_lr": 0.3, "optim.lr_scaling": "linear",
-    "optim.weight_decay": 1e-6, "optim.warmup_epochs": 0.1, "optim.epochs": 1,
+    "optim.weight_decay": 1e-6, "optim.warmup_epochs": 0.1, "optim.epochs": 2,
     "run.device": "cpu", "run.precision": "fp32", "run.log_every": 10, "run.eval_batch_size": 500,
 }
 DISTILL_PRESETS: dict[str, dict[str, Any]] = {
