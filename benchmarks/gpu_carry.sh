@@ -6,7 +6,7 @@
 # Runs on a CPU machine with network to PyPI (and, for the FFCV kit, libturbojpeg0-dev + libopencv-dev
 # installed, as `make install` does). Writes OUT_DIR/carry01, carry02, ...: each folder at most
 # FASTCLR_CARRY_MIB (default 61) MiB, so that each fits one device call with the working tree (64 MiB
-# carried per call, the ~2.5 MiB source tree included).
+# carried per call, the ~1.3 MB source tree included).
 # Files above 60 MiB are split into NAME.part-aa, NAME.part-ab, ... (gpu_suite.sh cats them back).
 # Every folder holds a copy of SHA256SUMS (of the whole files). Groups (--only; default below):
 #   dali   nvidia-dali-cuda130 + what it Requires (nvimgcodec[all]: nvjpeg, nvjpeg2k, nvtiff; libnvcomp;

@@ -19,25 +19,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput
 
 
+def _measured(stage: dict) -> bool:
+    """A stage that ran and has at least one row that is not a skip (a stage can be "ok" with every
+    row failed, e.g. every model build raising)."""
+    return stage.get("status") != "skipped" and any(r.get("status", "ok") != "skipped"
+                                                    for r in stage.get("rows", []))
+
+
 def merge(docs: list[tuple[str, dict]]) -> dict:
+    devices = {d["meta"]["device"] for _, d in docs}
+    if len(devices) > 1:
+        raise SystemExit(f"merge_results: inputs ran on different devices {sorted(devices)}: not comparable")
     stages: dict = {}
     sweeps: list = []
     merged_from = []
     for path, doc in docs:
         meta = doc["meta"]
-        devices = {d["meta"]["device"] for _, d in docs}
-        if len(devices) > 1:
-            raise SystemExit(f"merge_results: inputs ran on different devices {sorted(devices)}: not comparable")
-        name = os.path.basename(path)
-        merged_from.append({"file": name, "date": meta.get("date"), "git_sha": meta.get("git_sha"),
+        merged_from.append({"file": path, "date": meta.get("date"), "git_sha": meta.get("git_sha"),
                             "host": meta.get("host"), "complete": meta.get("complete"),
                             "stages": {k: v.get("status") for k, v in doc["stages"].items()}})
         for key, st in doc["stages"].items():
-            if st.get("status") == "skipped" and key in stages:
+            if key in stages and _measured(stages[key]) and not _measured(st):
                 continue  # keep the earlier measurement over a later failure
-            stages[key] = {**st, "source": name}
+            stages[key] = {**st, "source": path}
         for sw in doc.get("sweeps", []):
-            sweeps.append({**sw, "source": name})
+            if "stages" in sw and not any(_measured(st) for st in sw["stages"].values()):
+                continue  # a sweep point where nothing was measured
+            sweeps.append({**sw, "source": path})
     last = docs[-1][1]["meta"]
     plan = throughput.Plan(**last["config"])
     meta = {**last, "merged_from": merged_from, "charts": None}

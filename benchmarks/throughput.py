@@ -484,14 +484,19 @@ def loader_variants(args, device) -> list[tuple]:
     """(row name, backend, extra LoaderConfig fields) for every requested backend."""
     out = []
     for b in args.backends:
-        out.append((f"fastclr {b}", b, {}))
+        if b == "dali":  # pinned, so that a change of the default does not change what a row measures
+            out.append(("fastclr dali", b, {"dali_photometry": "dali", "dali_roi_decode": False}))
+        else:
+            out.append((f"fastclr {b}", b, {}))
         if b == "torch" and torch.device(device).type == "cuda":
             out.append(("fastclr torch (nvJPEG decode)", b, {"decode_device": "cuda"}))
         if b == "dali" and torch.device(device).type == "cuda" and getattr(args, "variants", True):
-            # Issue 6's two open choices, measured against the default row above in the same run:
-            # ROI decode per view vs decode once + crop twice, and DALI-native vs torch photometry.
-            out.append(("fastclr dali (ROI decode per view)", b, {"dali_roi_decode": True}))
-            out.append(("fastclr dali (DALI-native photometry)", b, {"dali_photometry": "dali"}))
+            # Issue 6's two choices, against the default row above in the same run: the TF-exact
+            # augment.py colour ops instead of DALI's, and ROI decode per view instead of decode once.
+            out.append(("fastclr dali (augment.py colour ops)", b,
+                        {"dali_photometry": "torch", "dali_roi_decode": False}))
+            out.append(("fastclr dali (ROI decode per view)", b,
+                        {"dali_photometry": "dali", "dali_roi_decode": True}))
     return out
 
 
@@ -1096,10 +1101,11 @@ def compute_ratios(stages: dict, plan: Plan, device_type: str = "cpu") -> dict:
     ch = sorted(_ok_rows(stages, "loss", impl="fastclr-chunked"), key=lambda r: r["batch"])
     # Compare only batches where chunking is active (B >= the chunk): below it one chunk holds the whole
     # similarity matrix, and the per-image cost is that of the dense loss (the GPU plan's B=256 < 1024).
+    dn = sorted(_ok_rows(stages, "loss", impl="fastclr-dense"), key=lambda r: r["batch"])
     active = [r for r in ch if r["batch"] >= plan.loss_chunk]
     if len(active) >= 2:
         ch = active
-    dn = sorted(_ok_rows(stages, "loss", impl="fastclr-dense"), key=lambda r: r["batch"])
+        dn = [r for r in dn if r["batch"] >= plan.loss_chunk]  # the same batches for the dense reference
     if len(ch) >= 2 and ch[0]["peak_mem_bytes"]:
         growth = ch[-1]["peak_mem_per_image"] / ch[0]["peak_mem_per_image"]
         dense_growth = (dn[-1]["peak_mem_per_image"] / dn[0]["peak_mem_per_image"]

@@ -244,14 +244,19 @@ def test_shellcheck(script):
 
 
 def test_merge_results_keeps_measured_stages(quick_result, tmp_path):
-    """merge_results: a stage that failed in a later run keeps the earlier measurement; a later
-    measurement replaces an earlier failure; each stage names its run; ratios are recomputed."""
+    """merge_results: a stage that failed in a later run (skipped, or "ok" with every row failed) keeps
+    the earlier measurement; a later measurement replaces an earlier failure; each stage names its
+    run; ratios are recomputed from the merged stages, not copied from an input."""
     res, _, _ = quick_result
     first = json.loads(json.dumps(res))
     second = json.loads(json.dumps(res))
     first["stages"]["optim"] = {"status": "skipped", "reason": "failed: boom", "rows": []}
     second["stages"]["loss"] = {"status": "skipped", "reason": "failed: bang", "rows": []}
+    second["stages"]["model"] = {"status": "ok", "rows": [{"name": "r18", "status": "skipped",
+                                                           "reason": "failed: TypeError"}]}
     del second["stages"]["read"]
+    for doc in (first, second):
+        doc["ratios"] = {k: {"value": -1.0} for k in res["ratios"]}  # junk: must not survive
     paths = []
     for name, doc in (("a.json", first), ("b.json", second)):
         (tmp_path / name).write_text(json.dumps(doc))
@@ -262,10 +267,11 @@ def test_merge_results_keeps_measured_stages(quick_result, tmp_path):
     assert proc.returncode == 0, proc.stderr
     merged = json.loads(out.read_text())
     st = merged["stages"]
-    assert st["optim"]["source"] == "b.json" and st["optim"]["rows"] == res["stages"]["optim"]["rows"]
-    assert st["loss"]["source"] == "a.json" and st["loss"]["status"] == res["stages"]["loss"]["status"]
-    assert st["read"]["source"] == "a.json"
-    assert [m["file"] for m in merged["meta"]["merged_from"]] == ["a.json", "b.json"]
+    assert st["optim"]["source"] == paths[1] and st["optim"]["rows"] == res["stages"]["optim"]["rows"]
+    assert st["loss"]["source"] == paths[0] and st["loss"]["status"] == res["stages"]["loss"]["status"]
+    assert st["model"]["source"] == paths[0] and st["model"]["rows"] == res["stages"]["model"]["rows"]
+    assert st["read"]["source"] == paths[0]
+    assert [m["file"] for m in merged["meta"]["merged_from"]] == paths
     assert merged["ratios"].keys() == res["ratios"].keys()
     for k, r in res["ratios"].items():
         assert merged["ratios"][k].get("value") == r.get("value"), k
