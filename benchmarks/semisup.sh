@@ -152,7 +152,7 @@ for key, method, net, uses in rows:
 pre_done = done(pre)
 try:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=False).stdout)
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False).stdout)
 except OSError:
     sha, dirty = "unknown", None
 doc = {
