@@ -323,6 +323,20 @@ def check_subset_honoured(loader, n_images: int | None, world: int, per_rank: in
                         f"expected {expected} for {n_images} images): use data.backend=torch")
 
 
+def labelled_loaders(cfg, train_path: str, val_path: str, file_list: str | None, n_labeled: int | None,
+                     per_rank: int, rank: int, world: int, device: torch.device, dtype: torch.dtype):
+    """(train loader over the labelled subset, checked to honour it; val loader on the main rank, or
+    None) for finetune and linear_eval's slow path."""
+    data_cfg = dataclasses.replace(cfg.data, path=train_path, file_list=file_list, batch_size=per_rank,
+                                   train=True, seed=cfg.run.seed, dtype=runtime.DTYPE_NAME[dtype])
+    loader = build_loader(data_cfg, rank, world, device)
+    check_subset_honoured(loader, n_labeled, world, per_rank, cfg.data.backend)
+    vloader = None
+    if val_path and dist.is_main():
+        vloader = eval_loader(val_path, cfg.data, cfg.run.eval_batch_size, device)
+    return loader, vloader
+
+
 # ----------------------------------------------------------------------------- entry point
 def main(argv=None) -> int:
     return runtime.run_entry(PROG, FinetuneConfig, FINETUNE_PRESETS, __doc__, train, argv)
@@ -351,13 +365,8 @@ def train(cfg: FinetuneConfig) -> int:
 
     # ------------------------------------------------------------------ data
     file_list, n_labeled = label_subset(cfg.data, cfg.subset, train_path, out_dir)
-    data_cfg = dataclasses.replace(cfg.data, path=train_path, file_list=file_list, batch_size=per_rank,
-                                   train=True, seed=cfg.run.seed, dtype=runtime.DTYPE_NAME[dtype])
-    loader = build_loader(data_cfg, rank, world, device)
-    check_subset_honoured(loader, n_labeled, world, per_rank, cfg.data.backend)
-    vloader = None
-    if val_path and dist.is_main():
-        vloader = eval_loader(val_path, cfg.data, cfg.run.eval_batch_size, device)
+    loader, vloader = labelled_loaders(cfg, train_path, val_path, file_list, n_labeled, per_rank, rank, world,
+                                       device, dtype)
     if vloader is not None and vloader.classes != classes:
         raise UserError(f"val classes of {val_path} differ from the train classes of {train_path}")
     dist.print0(f"{PROG}: {'all' if n_labeled is None else n_labeled} labelled images"

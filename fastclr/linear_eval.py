@@ -25,7 +25,6 @@ finetune.py. Output: config.json, log.jsonl (``eval`` records with top-1/top-5, 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -52,12 +51,11 @@ from fastclr.finetune import (
     _load,
     arch_of,
     build_classifier,
-    build_loader,
-    check_subset_honoured,
     dataset_classes,
     eval_loader,
     fit,
     label_subset,
+    labelled_loaders,
 )
 from fastclr.models import LinearHead
 from fastclr.pretrain import build_optimizer
@@ -255,13 +253,8 @@ def run(cfg: LinearEvalConfig) -> int:
                    else "slow path: network every step"))
 
     if not cfg.fast:  # ------------------------------------------------ slow: finetune's loop, head only
-        data_cfg = dataclasses.replace(cfg.data, path=train_path, file_list=file_list, batch_size=per_rank,
-                                       train=True, seed=cfg.run.seed, dtype=runtime.DTYPE_NAME[dtype])
-        loader = build_loader(data_cfg, rank, world, device)
-        check_subset_honoured(loader, n_labeled, world, per_rank, cfg.data.backend)
-        vloader = None
-        if val_path and dist.is_main():
-            vloader = eval_loader(val_path, cfg.data, cfg.run.eval_batch_size, device)
+        loader, vloader = labelled_loaders(cfg, train_path, val_path, file_list, n_labeled, per_rank, rank, world,
+                                           device, dtype)
 
         def loss_fn(fwd, batch):
             logits = fwd(batch.views[0]).float()
