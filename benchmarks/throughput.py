@@ -490,6 +490,10 @@ def loader_variants(args, device) -> list[tuple]:
             out.append((f"fastclr {b}", b, {}))
         if b == "torch" and torch.device(device).type == "cuda":
             out.append(("fastclr torch (nvJPEG decode)", b, {"decode_device": "cuda"}))
+            if getattr(args, "variants", True):
+                # The colour ops are the GPU's largest data cost (README): each op on its own samples
+                # (host syncs) against the default masked whole-batch ops (4x the arithmetic, no sync).
+                out.append(("fastclr torch (colour ops on exact subsets)", b, {"photometry_mode": "subset"}))
         if b == "dali" and torch.device(device).type == "cuda" and getattr(args, "variants", True):
             # Issue 6's two choices, against the default row above in the same run: the TF-exact
             # augment.py colour ops instead of DALI's, and ROI decode per view instead of decode once.

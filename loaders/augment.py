@@ -613,7 +613,7 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Ge
 
 
 def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Generator], dtype,
-                 device=None) -> List[torch.Tensor]:
+                 device=None, mode: str = "auto") -> List[torch.Tensor]:
     """The last stage of every backend: uint8 crops ``[B, K, S, S, 3]`` (NHWC, any device) ->
     K views ``[B, 3, S, S]`` in ``dtype``, channels_last, on ``device`` (default: crops' device),
     values in [0, 1] (or normalized when spec.normalize).
@@ -621,6 +621,7 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: Optional[tor
     All B*K images go through ``photometric`` at once, view-major (images k*B..(k+1)*B-1 are view
     k), so each returned view is a contiguous channels_last slice of one buffer. ``generator`` must
     live on the target device. The host-to-device copy is non_blocking: pin ``crops`` for overlap.
+    ``mode``: ``photometric``'s (data.photometry_mode).
     """
     if crops.ndim != 5 or crops.shape[-1] != 3 or crops.dtype != torch.uint8:
         raise ValueError(f"expected uint8 [B, K, S, S, 3], got {crops.dtype} {tuple(crops.shape)}")
@@ -638,6 +639,6 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: Optional[tor
     x.view(K, B, 3, S1, S2).copy_(crops.permute(1, 0, 4, 2, 3))
     x.mul_(1.0 / 255.0)  # TF convert_image_dtype: cast, then * (1 / 255)
     if spec.has_photometry:
-        x = photometric(x, spec, generator, inplace=True)
+        x = photometric(x, spec, generator, inplace=True, mode=mode)
     x = x.to(dtype=dtype, memory_format=torch.channels_last)
     return list(x.split(B, dim=0))

@@ -42,6 +42,9 @@ class LoaderConfig:
     dtype: str = _f("float32", "dtype of the views", ("float32", "bfloat16", "float16"))
     decode_device: str = _f("cpu", "torch backend: decode JPEGs on cpu workers or cuda (nvJPEG)", ("cpu", "cuda"))
     photometry_device: str = _f("auto", "where colour ops run: auto (the training device) or cpu", ("auto", "cpu"))
+    photometry_mode: str = _f("auto", "colour-op kernels: auto (GPU: where, CPU: subset), where (every op on the "
+                              "whole batch, masked: no host sync) or subset (each op on its own samples: less "
+                              "work, host syncs)", ("auto", "where", "subset"))
     jitter_strength: float = _f(1.0, "colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)")
     blur: bool = _f(True, "gaussian blur p=0.5 (TF turns it off for 32px CIFAR-like data)")
     # DALI

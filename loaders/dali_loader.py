@@ -485,7 +485,8 @@ class DaliLoader:
             # The shared last stage of every backend (float, photometry, dtype, channels_last).
             # Looked up on the module at call time, so tests can spy on it.
             crops = torch.stack(tensors, dim=1)  # [B, K, S, S, 3] uint8
-            views = augment.finish_views(crops, self.spec, gen, self.dtype, device=self.photometry_device)
+            views = augment.finish_views(crops, self.spec, gen, self.dtype, device=self.photometry_device,
+                                         mode=self.cfg.photometry_mode)
             if self.photometry_device != self.device:
                 views = [v.to(self.device, non_blocking=True) for v in views]
             return views

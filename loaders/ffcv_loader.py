@@ -370,7 +370,8 @@ class FFCVLoader:
                 self.jit_seconds = time.perf_counter() - t0
                 log.info("ffcv loader: first batch after %.1f s (numba JIT)", self.jit_seconds)
             self.last_indices = order[i * B:(i + 1) * B]
-            views = finish_views(crops, self.spec, gen, self.dtype)  # new tensors: FFCV reuses its buffers
+            # new tensors: FFCV reuses its buffers
+            views = finish_views(crops, self.spec, gen, self.dtype, mode=self.cfg.photometry_mode)
             if i < start:  # before the resume position: computed (to keep the streams exact), not yielded
                 continue
             if self.photometry_device != self.device:

@@ -403,7 +403,8 @@ class TorchLoader:
                 else:
                     crops = item["crops"]
                 gen = photometry_generator(self.cfg.seed, epoch, self.rank, b, self.photometry_device)
-                views = augment.finish_views(crops, self.spec, gen, self.dtype, device=self.photometry_device)
+                views = augment.finish_views(crops, self.spec, gen, self.dtype, device=self.photometry_device,
+                                             mode=self.cfg.photometry_mode)
             self.last_used_indices = used.numpy()
             views = [v.to(self.device, non_blocking=True) for v in views]
             yield Batch(views, labels.to(self.device, non_blocking=True))

@@ -170,9 +170,9 @@ def test_torch_mode_goes_through_shared_finish_views(image_folder, monkeypatch):
     calls = []
     real = augment.finish_views
 
-    def spy(crops, spec, generator, dtype, device=None):
+    def spy(crops, spec, generator, dtype, device=None, mode="auto"):
         calls.append((crops.clone(), generator.get_state(), spec, dtype))
-        out = real(crops, spec, generator, dtype, device=device)
+        out = real(crops, spec, generator, dtype, device=device, mode=mode)
         calls[-1] += ([v.clone() for v in out],)
         return out
 

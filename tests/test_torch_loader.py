@@ -260,3 +260,25 @@ def test_gpu_contract(mixed_folder, decode_device, dtype):
         assert len(got) == len(ld) == (n // 2) // 4
         seen.append(set(np.concatenate([i for _, i in got]).tolist()))
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == n
+
+
+def test_photometry_mode_reaches_the_colour_ops_and_both_modes_agree(image_folder, monkeypatch):
+    """data.photometry_mode is what the main process's colour ops run with; where (masked whole-batch
+    ops) and subset (each op on its own samples) give the same views for the same seed."""
+    spec = simclr(S)
+    seen = []
+    real = augment.photometric
+
+    def spy(*a, **kw):
+        seen.append(kw.get("mode"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(augment, "photometric", spy)
+    runs = {}
+    for mode in ("where", "subset"):
+        seen.clear()
+        runs[mode] = epoch(build_torch_loader(cfg_for(image_folder, photometry_mode=mode), spec))
+        assert seen and set(seen) == {mode}
+    for (bw, _), (bs, _) in zip(runs["where"], runs["subset"]):
+        for vw, vs in zip(bw.views, bs.views):
+            torch.testing.assert_close(vw, vs, rtol=0, atol=2e-6)
