@@ -29,7 +29,6 @@ import inspect
 import math
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,10 +498,7 @@ def fit(prog: str, cfg, model: Classifier, arch: dict[str, Any], classes: list[s
                 f"wd {o.weight_decay}")
     bar = tqdm(total=total_steps, initial=step, desc=prog.replace(".py", ""), unit="step",
                disable=not (dist.is_main() and run.progress), dynamic_ncols=True, mininterval=1.0)
-    loss_sum = torch.zeros((), device=device)
-    acc_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
+    meter = runtime.StepMeter(device)  # sums on the device: read (a host sync) every log_every steps
     last_eval, last_eval_step = None, -1
     model.train()  # BN in train mode while fine-tuning, as TF does
     while step < total_steps:
@@ -512,40 +508,24 @@ def fit(prog: str, cfg, model: Classifier, arch: dict[str, Any], classes: list[s
             if step >= total_steps:
                 break
             lr = lr_at(step, peak_lr, warmup_steps, total_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            runtime.set_lr(optimizer, lr)
             for _micro in range(o.grad_accum):
-                t0 = time.perf_counter()
-                batch = next(it)
-                wait_s += time.perf_counter() - t0
+                batch = meter.next_batch(it)
                 with runtime.autocast(device, dtype):
                     loss, acc = loss_fn(fwd, batch)
                 scaler.scale(loss / o.grad_accum).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            acc_sum += acc.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                    torch.full_like(first_bad, step), first_bad)
+            meter.add(step, loss, acc)
             step += 1
-            n_since += 1
             bar.update(1)
             if step % run.log_every == 0 or step == total_steps:
-                bad = int(first_bad.item())  # .item(): the host sync of this step, every log_every only
-                if bad >= 0:
-                    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
-                    raise SystemExit(f"{prog}: non-finite loss at step {bad}; stopping. {where}. "
-                                     f"Lower optim.lr or check the data, then --run.resume=auto.")
-                dt = time.perf_counter() - t_log
-                mean_loss, mean_acc = (loss_sum / n_since).item(), (acc_sum / n_since).item()
-                log.write(step=step, epoch=epoch, loss=round(mean_loss, 5), train_acc=round(mean_acc, 4),
-                          lr=lr,
-                          images_per_s=round(n_since * o.global_batch_size / dt, 1),
-                          data_wait=round(min(wait_s / dt, 1.0), 4), gpu_mem_gb=runtime.gpu_memory_gb(device))
-                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.2f}", lr=f"{lr:.3g}")
-                loss_sum.zero_(); acc_sum.zero_()
-                n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
+                w = meter.read(prog, last_ckpt)
+                log.write(step=step, epoch=epoch, loss=round(w.loss, 5), train_acc=round(w.acc, 4),
+                          lr=lr, images_per_s=round(w.steps * o.global_batch_size / w.seconds, 1),
+                          data_wait=round(w.data_wait, 4), gpu_mem_gb=runtime.gpu_memory_gb(device))
+                bar.set_postfix(loss=f"{w.loss:.3f}", acc=f"{w.acc:.2f}", lr=f"{lr:.3g}")
             epoch_end = step % steps_per_epoch == 0
             eval_now = has_val and epoch_end and run.eval_every > 0 \
                 and (step // steps_per_epoch) % run.eval_every == 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 
 if __package__ in (None, ""):  # `python fastclr/pretrain.py` / torchrun put fastclr/ first on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -151,11 +150,7 @@ def train(cfg: C.PretrainConfig) -> int:
                 f"{total_steps} steps, peak lr {peak_lr:.4g}, data: {cfg.data.backend} {train_path}")
     bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step",
                disable=not (dist.is_main() and cfg.run.progress), dynamic_ncols=True, mininterval=1.0)
-    # Running sums stay on the device: reading them is a host sync, done only every log_every steps.
-    loss_sum = torch.zeros((), device=device)
-    acc_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-    n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
+    meter = runtime.StepMeter(device)  # sums on the device: read (a host sync) every log_every steps
     first_loss = final_loss = None
     model.train()
     while step < total_steps:
@@ -166,12 +161,9 @@ def train(cfg: C.PretrainConfig) -> int:
             if step >= total_steps:
                 break
             lr = lr_at(step, peak_lr, warmup_steps, total_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            runtime.set_lr(optimizer, lr)
             for micro in range(o.grad_accum):
-                t0 = time.perf_counter()
-                batch = next(it)  # time blocked here = data wait
-                wait_s += time.perf_counter() - t0
+                batch = meter.next_batch(it)
                 with runtime.autocast(device, dtype):
                     _, z = fwd(batch.views)
                 z1, z2 = z.float().chunk(2)
@@ -191,34 +183,21 @@ def train(cfg: C.PretrainConfig) -> int:
                 with torch.no_grad(), runtime.autocast(device, dtype):
                     keys = F.normalize(queue(batch.views)[1].float(), dim=1)
                 queue.enqueue(dist.gather_nograd(keys))
-            loss_sum += loss.detach()
-            acc_sum += acc
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                    torch.full_like(first_bad, step), first_bad)
+            meter.add(step, loss, acc)
             step += 1
-            n_since += 1
             bar.update(1)
 
             if step % cfg.run.log_every == 0 or step == total_steps:
-                # .item() is a CPU-GPU sync: only here, every log_every steps.
-                bad = int(first_bad.item())
-                if bad >= 0:
-                    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
-                    raise SystemExit(f"{PROG}: non-finite loss at step {bad} (lr {lr_at(bad, peak_lr, warmup_steps, total_steps):.4g}); "
-                                     f"stopping. {where}. Lower optim.lr or check the data, then --run.resume=auto.")
-                dt = time.perf_counter() - t_log
-                mean_loss = (loss_sum / n_since).item()
-                mean_acc = (acc_sum / n_since).item()
-                ips = n_since * o.global_batch_size / dt
+                w = meter.read(PROG, last_ckpt, lambda s: lr_at(s, peak_lr, warmup_steps, total_steps))
+                mean_loss, mean_acc, wait = w.loss, w.acc, w.data_wait
+                ips = w.steps * o.global_batch_size / w.seconds
                 first_loss = mean_loss if first_loss is None else first_loss
                 final_loss = mean_loss
                 log.write(step=step, epoch=epoch, loss=round(mean_loss, 5), contrastive_acc=round(mean_acc, 4),
-                          lr=lr, images_per_s=round(ips, 1), data_wait=round(min(wait_s / dt, 1.0), 4),
+                          lr=lr, images_per_s=round(ips, 1), data_wait=round(wait, 4),
                           gpu_mem_gb=runtime.gpu_memory_gb(device))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.2f}", lr=f"{lr:.3g}",
-                                img_s=f"{ips:.0f}", wait=f"{wait_s / dt:.0%}")
-                loss_sum.zero_(); acc_sum.zero_()
-                n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
+                                img_s=f"{ips:.0f}", wait=f"{wait:.0%}")
             if step % cfg.run.ckpt_every == 0 or step == total_steps:
                 save_checkpoint()
     bar.close()

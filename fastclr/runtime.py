@@ -137,6 +137,68 @@ def gpu_memory_gb(device: torch.device) -> float:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+class LogWindow(NamedTuple):
+    """What StepMeter.read() measured since the previous read."""
+    loss: float       # mean loss per step
+    acc: float        # mean accuracy per step
+    steps: int
+    seconds: float
+    data_wait: float  # share of the time blocked on the loader
+
+
+class StepMeter:
+    """The training loops' bookkeeping between two logs (pretrain.py, finetune.fit): loss and accuracy
+    sums kept on the device, the first step with a non-finite loss (a device-side ``torch.where``), and
+    the time spent blocked on the loader. ``read()`` is the one host sync, every log_every steps."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.acc_sum = torch.zeros((), device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self._restart()
+
+    def _restart(self) -> None:
+        self.n, self.wait_s, self.t0 = 0, 0.0, time.perf_counter()
+
+    def next_batch(self, it):
+        """next(it), its blocking time counted as data wait."""
+        t = time.perf_counter()
+        batch = next(it)
+        self.wait_s += time.perf_counter() - t
+        return batch
+
+    def add(self, step: int, loss: torch.Tensor, acc: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.loss_sum += loss
+        self.acc_sum += acc.detach()
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss),
+                                     torch.full_like(self.first_bad, step), self.first_bad)
+        self.n += 1
+
+    def read(self, prog: str, last_ckpt, lr_at_step=None) -> LogWindow:
+        """The window since the last read, then restart.
+        A non-finite loss since the start stops the run (SystemExit) naming the step and the last
+        good checkpoint; ``lr_at_step(step)`` adds that step's learning rate to the message."""
+        bad = int(self.first_bad.item())
+        if bad >= 0:
+            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
+            lr = f" (lr {lr_at_step(bad):.4g})" if lr_at_step is not None else ""
+            raise SystemExit(f"{prog}: non-finite loss at step {bad}{lr}; stopping. {where}. "
+                             "Lower optim.lr or check the data, then --run.resume=auto.")
+        dt = time.perf_counter() - self.t0
+        out = LogWindow((self.loss_sum / self.n).item(), (self.acc_sum / self.n).item(), self.n, dt,
+                        min(self.wait_s / dt, 1.0))
+        self.loss_sum.zero_()
+        self.acc_sum.zero_()
+        self._restart()
+        return out
+
+
 def per_rank_batch(global_batch: int, grad_accum: int, world: int, minimum: int = 1) -> int:
     """optim.global_batch_size split over ranks and accumulation steps; a UserError if uneven."""
     per_rank, rem = divmod(global_batch, world * grad_accum)

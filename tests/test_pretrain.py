@@ -192,3 +192,20 @@ def test_demo_knn_beats_random_init(tmp_path, demo_root):
     assert done["final_loss"] < done["first_loss"]
     assert done["knn_top1"] >= done["knn_top1_random_init"] + 0.10, done
     assert "k-NN top-1 on val" in r.stdout
+
+
+def test_step_meter_window_means_and_non_finite_stop():
+    """runtime.StepMeter (the loops' log bookkeeping): per-window means, then a non-finite loss stops
+    the run naming its first bad step and that step's lr."""
+    from fastclr import runtime
+    m = runtime.StepMeter(torch.device("cpu"))
+    for s, (loss, acc) in enumerate([(1.0, 0.5), (3.0, 0.7)]):
+        m.add(s, torch.tensor(loss), torch.tensor(acc))
+    w = m.read("p", None)
+    assert (w.loss, w.steps) == (2.0, 2) and w.acc == pytest.approx(0.6) and 0.0 <= w.data_wait <= 1.0
+    m.add(2, torch.tensor(5.0), torch.tensor(0.1))
+    assert m.read("p", None).loss == 5.0  # the window restarted
+    m.add(3, torch.tensor(float("nan")), torch.tensor(0.0))
+    m.add(4, torch.tensor(float("inf")), torch.tensor(0.0))
+    with pytest.raises(SystemExit, match=r"non-finite loss at step 3 \(lr 0\.75\).*ckpt_3\.pt"):
+        m.read("p", "ckpt_3.pt", lambda s: s / 4)
