@@ -230,18 +230,19 @@ class _BatchDataset(torch.utils.data.Dataset):
 
 
 class _EpochBatches(torch.utils.data.Sampler):
-    """Yields (epoch, batch_no) keys for the current epoch (read at iteration start, so set_epoch
-    works with persistent workers). Holds its own state, not the loader: a loader <-> DataLoader
-    reference cycle would leave worker shutdown to the cycle collector, which may close the
-    worker queues first and then wait 5 s per worker for a goodbye that cannot arrive."""
+    """Yields (epoch, batch_no) keys from batch ``start`` of epoch ``epoch``. Iterating never changes
+    that state: torch's multi-worker DataLoader iterates its sampler once when its iterator is built
+    and again when it resets it, so a position consumed by the first iteration would be lost to the
+    second (a resumed run would then replay the epoch from batch 0). TorchLoader.__iter__ moves the
+    state on once the DataLoader's iterator exists. Holds its own state, not the loader: a loader <->
+    DataLoader reference cycle would leave worker shutdown to the cycle collector, which may close
+    the worker queues first and then wait 5 s per worker for a goodbye that cannot arrive."""
 
     def __init__(self, steps: int):
         self.epoch, self.steps, self.start = 0, steps, 0
 
     def __iter__(self):
-        e, start = self.epoch, self.start
-        self.start = 0  # a resume position applies to one pass only
-        return iter([(e, b) for b in range(start, self.steps)])
+        return iter([(self.epoch, b) for b in range(self.start, self.steps)])
 
     def __len__(self):
         return self.steps
@@ -389,7 +390,11 @@ class TorchLoader:
     def __iter__(self):
         self.bad_files, self.num_skipped = [], 0
         epoch, first = self.epoch, self._sampler.start
-        for b, item in enumerate(self._prefetched(iter(self._dataloader())), start=first):
+        batches = iter(self._dataloader())  # reads (epoch, start) from the sampler, maybe twice
+        # Like the DALI and FFCV backends: the next pass is the next epoch from its first batch,
+        # unless set_epoch says otherwise.
+        self._sampler.epoch, self._sampler.start = epoch + 1, 0
+        for b, item in enumerate(self._prefetched(batches), start=first):
             self._record_failures(item["failed"])
             self.last_indices = item["index"].numpy()
             used = item["used"]
@@ -410,7 +415,7 @@ class TorchLoader:
             yield Batch(views, labels.to(self.device, non_blocking=True))
         if self.num_skipped:
             log.warning("epoch %d (rank %d): skipped %d unreadable image(s) of %d; see loader.bad_files",
-                        self.epoch, self.rank, self.num_skipped, self._steps * self.cfg.batch_size)
+                        epoch, self.rank, self.num_skipped, self._steps * self.cfg.batch_size)
 
     # -- GPU decode path -----------------------------------------------------------------------
 

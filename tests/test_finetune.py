@@ -97,12 +97,12 @@ def test_short_run_subset_eval_best_and_exact_resume(tmp_path, image_folder):
     assert model.fc.out_features == 4
 
     # exact resume: a run dir holding only the step-4 checkpoint (mid-epoch 2) of that run, resumed with
-    # resume=auto, ends where the uninterrupted run ended
+    # resume=auto and DataLoader workers (the presets' default), ends where the uninterrupted run ended
     assert [s for s, _ in ck.list_checkpoints(tmp_path / "a")] == [2, 3, 4, 6]
     b = tmp_path / "b"
     b.mkdir()
     (b / "ckpt_00000004.pt").write_bytes((tmp_path / "a" / "ckpt_00000004.pt").read_bytes())
-    assert ft.main(base + [f"--run.out_dir={b}", "--run.resume=auto"]) == 0
+    assert ft.main(base + [f"--run.out_dir={b}", "--run.resume=auto", "--data.num_workers=2"]) == 0
     assert [r["step"] for r in records(b) if r.get("event") == "eval"] == [6]
     wa = ck.load(ck.list_checkpoints(tmp_path / "a")[-1][1])["model"]
     wb = ck.load(ck.list_checkpoints(b)[-1][1])["model"]

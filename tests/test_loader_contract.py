@@ -128,13 +128,15 @@ def test_bad_files_skipped_and_counted(backend):
         assert len(loader.bad_files) == data["bad"]
 
 
-def test_resume_position(backend):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_position(backend, workers):
     """set_epoch(e, start_step=k) yields exactly batches k.. of epoch e (a resumed run's position):
-    the same samples in the same order, and the remaining count is len() - k."""
+    the same samples in the same order, and the remaining count is len() - k. With workers too (the
+    default of every preset): torch's multi-worker DataLoader iterates its sampler twice per pass."""
     name, data = backend
-    loader = make(name, data, batch_size=4)
-    full, full_idx = run_epoch(loader, 1)
+    full, full_idx = run_epoch(make(name, data, batch_size=4, workers=workers), 1)
     k = 2
+    loader = make(name, data, batch_size=4, workers=workers)  # fresh, as in a resumed process
     loader.set_epoch(1, start_step=k)
     tail_idx = []
     for _ in loader:

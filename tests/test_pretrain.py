@@ -102,33 +102,39 @@ def _free_port():
 
 
 def test_exact_resume_after_sigkill(tmp_path, image_folder):
-    """A run killed with SIGKILL mid-run and resumed ends bitwise equal to an uninterrupted run.
+    """A run killed with SIGKILL mid-run and resumed ends bitwise equal to an uninterrupted run, with
+    DataLoader workers (2, the demo's default: torch's multi-worker loader iterates its sampler twice
+    per pass, which once made a resumed epoch restart at batch 0) and without.
     24 images / batch 8 = 3 steps per epoch; 7 steps cross two epoch boundaries; the kill lands
-    after the step-2 checkpoint, so the resume starts mid-epoch."""
-    common = TINY + [f"--data.path={image_folder}", "--run.max_steps=7", "--optim.epochs=3",
+    after the step-2 checkpoint (7 with workers: mid-epoch 3 instead of mid-epoch 1), so the resume
+    starts mid-epoch. The reference runs without workers: batches do not depend on the worker count."""
+    common = TINY + [f"--data.path={image_folder}", "--run.max_steps=9", "--optim.epochs=3",
                      "--run.ckpt_every=2", "--run.keep_last=10", "--run.deterministic=true",
                      "--optim.warmup_epochs=1"]
     ref = tmp_path / "ref"
     run(common + [f"--run.out_dir={ref}"])
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, SCRIPT, *common, f"--run.out_dir={out}", "--run.resume=auto"],
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ck.path_for(out, 2).exists() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not ck.path_for(out, 7).exists()
-    r = run(common + [f"--run.out_dir={out}", "--run.resume=auto"])
-    assert "resumed from" in r.stdout
     step_a, a = final_state(ref)
-    step_b, b = final_state(out)
-    assert step_a == step_b == 7
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert step_a == 9
+    for workers, kill_after in ((2, 4), (0, 2)):
+        out = tmp_path / f"killed_w{workers}"
+        args = common + [f"--data.num_workers={workers}", f"--run.out_dir={out}", "--run.resume=auto"]
+        proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and not ck.path_for(out, kill_after).exists() and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+        assert not ck.path_for(out, 9).exists()
+        r = run(args)
+        assert "resumed from" in r.stdout
+        step_b, b = final_state(out)
+        assert step_b == 9
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (workers, k)
+        for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+            assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"]), workers
 
 
 def test_elastic_restart_after_a_worker_is_killed(tmp_path, image_folder):

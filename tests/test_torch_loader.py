@@ -67,6 +67,24 @@ def test_same_seed_same_batches_for_any_worker_count(image_folder):
     assert not torch.equal(c[0][0].views[0], a[0][0].views[0])
 
 
+def test_resume_position_with_workers_is_exact_and_passes_advance(image_folder):
+    """With DataLoader workers (the presets' default), set_epoch(e, start_step=k) yields batch k of
+    epoch e first, pixel for pixel the batch an uninterrupted epoch yields there; a pass started
+    without set_epoch runs the next epoch from its first batch (the rule of every backend)."""
+    full = epoch(build_torch_loader(cfg_for(image_folder, num_workers=2), simclr(S)), 1)
+    loader = build_torch_loader(cfg_for(image_folder, num_workers=2), simclr(S))
+    loader.set_epoch(1, start_step=3)
+    tail = [(b, loader.last_indices.copy()) for b in loader]
+    assert len(tail) == len(full) - 3
+    for (bf, i_f), (bt, i_t) in zip(full[3:], tail):
+        np.testing.assert_array_equal(i_f, i_t)
+        for vf, vt in zip(bf.views, bt.views):
+            assert torch.equal(vf, vt)
+    first = next(iter(loader))  # no set_epoch: epoch 2, batch 0
+    np.testing.assert_array_equal(loader.last_indices, loader.epoch_indices(2)[:4])
+    assert first.views[0].shape[0] == 4
+
+
 def test_labels_follow_indices_and_new_epoch_new_crops(image_folder):
     loader = build_torch_loader(cfg_for(image_folder, train=False), finetune(S).replace(num_views=2))
     labels = np.array([lab for _, lab in list_image_folder(image_folder)[0]])
