@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import IMG_EXTENSIONS, find_classes
+from .common import find_classes, scan_image_folder
 
 Entry = tuple[str, int]  # (path relative to the data root, label)
 
@@ -76,14 +76,13 @@ def _missing_error(missing: Sequence[str], total: int, where: str, source: str) 
 # Mapping names onto an ImageFolder or a .beton manifest
 # ----------------------------------------------------------------------------------------------
 
-def _listdir_images(folder: Path) -> list[str]:
-    """Image file names directly in ``folder`` and its subfolders, as paths relative to ``folder``."""
-    out = []
-    for dirpath, _, files in os.walk(folder, followlinks=True):
-        rel = os.path.relpath(dirpath, folder)
-        for f in files:
-            if f.lower().endswith(IMG_EXTENSIONS):
-                out.append(f if rel == "." else os.path.join(rel, f))
+def _relpaths_by_class(root: Path, classes: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """class -> image paths relative to ``root``, in the order every backend lists them
+    (``loaders.common.scan_image_folder``: symlink loops refused, unusable names left out)."""
+    scan = scan_image_folder(root, classes)
+    out: dict[str, list[str]] = {}
+    for path, label in scan.samples:
+        out.setdefault(scan.classes[label], []).append(os.path.relpath(path, root))
     return out
 
 
@@ -96,25 +95,22 @@ def map_names_to_folder(names: Sequence[str], root: str | os.PathLike,
     classes = find_classes(root)
     label_of = {c: i for i, c in enumerate(classes)}
     wanted = list(dict.fromkeys(names))  # de-duplicated, order kept
-    by_class: dict[str, dict[str, str]] = {}  # class -> {file name: path relative to root}
+    by_class = {c: {os.path.basename(r): r for r in rels} for c, rels in
+                _relpaths_by_class(root, {synset(n) for n in wanted} & set(label_of)).items()}
     anywhere: dict[str, list[str]] | None = None
     found: list[Entry] = []
     missing: list[str] = []
     for name in wanted:
         cls = synset(name)
-        if cls in label_of:
-            if cls not in by_class:
-                by_class[cls] = {os.path.basename(r): os.path.join(cls, r)
-                                 for r in _listdir_images(root / cls)}
-            rel = by_class[cls].get(name)
-            if rel is not None:
-                found.append((rel, label_of[cls]))
-                continue
+        rel = by_class.get(cls, {}).get(name)
+        if rel is not None:
+            found.append((rel, label_of[cls]))
+            continue
         if anywhere is None:  # not an ImageNet-style name (or not in its synset folder): search by name
             anywhere = {}
-            for c in classes:
-                for r in _listdir_images(root / c):
-                    anywhere.setdefault(os.path.basename(r), []).append(os.path.join(c, r))
+            for rels in _relpaths_by_class(root).values():
+                for r in rels:
+                    anywhere.setdefault(os.path.basename(r), []).append(r)
         hits = anywhere.get(name, [])
         if len(hits) == 1:
             found.append((hits[0], label_of[Path(hits[0]).parts[0]]))
@@ -206,9 +202,8 @@ def folder_entries(root: str | os.PathLike) -> list[Entry]:
         files, classes = read_manifest(root)
         return list(zip(files, _manifest_labels(files, classes)))
     root = Path(root)
-    out = []
-    for label, c in enumerate(find_classes(root)):
-        out += [(os.path.join(c, r), label) for r in sorted(_listdir_images(root / c))]
+    label_of = {c: i for i, c in enumerate(find_classes(root))}
+    out = [(r, label_of[c]) for c, rels in _relpaths_by_class(root).items() for r in rels]
     if not out:
         raise SubsetError(f"no images under {root}")
     return out

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .common import list_image_folder
+from .common import bad_name_reason, scan_image_folder
 
 TINY_SIDE = 8                  # a side under this many pixels: warn (random crops of it are blurry mush)
 HUGE_PIXELS = 20_000_000       # more pixels than this: warn (slow to decode, large decoder buffers)
@@ -155,11 +155,13 @@ def validate(root: str, workers: int = 1, use_dali: Optional[bool] = None, progr
     """(good samples [(path, label)], bad {path: reason}, warnings {path: text}, classes)."""
     from tqdm import tqdm
 
-    samples, classes = list_image_folder(root)
+    samples, classes, refused = scan_image_folder(root)
+    if not samples and not refused:
+        raise FileNotFoundError(f"no images under {root}")
     paths = [p for p, _ in samples]
     bar = dict(unit="img", disable=not progress, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 10.0)
-    bad, warn = {}, {}
+    bad, warn = dict(refused), {}
     with _pool(workers) as pool, tqdm(total=len(paths), desc="decoding (PIL)", **bar) as pbar:
         if pool is None:
             results = map(check_file, paths)
@@ -189,6 +191,7 @@ def validate(root: str, workers: int = 1, use_dali: Optional[bool] = None, progr
 
 def write_outputs(root: str, out: str, report: str, good, bad, warn) -> None:
     rel = lambda p: Path(os.path.relpath(p, root)).as_posix()  # noqa: E731
+    shown = lambda p: rel(p) if bad_name_reason(p) is None else repr(rel(p))  # noqa: E731  one line each
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{out}.tmp"
     with open(tmp, "w") as f:  # no comment lines: DALI's own file_list reader would take them as files
@@ -197,9 +200,9 @@ def write_outputs(root: str, out: str, report: str, good, bad, warn) -> None:
     with open(report, "w") as f:
         f.write(f"# loaders.validate report for {os.path.abspath(root)}\n")
         f.write(f"# bad: {len(bad)} file(s), excluded from {out}\n")
-        f.writelines(f"{rel(p)}\t{reason}\n" for p, reason in sorted(bad.items()))
+        f.writelines(f"{shown(p)}\t{reason}\n" for p, reason in sorted(bad.items()))
         f.write(f"# warnings: {len(warn)} file(s), readable and kept\n")
-        f.writelines(f"{rel(p)}\t{w}\n" for p, w in sorted(warn.items()))
+        f.writelines(f"{shown(p)}\t{w}\n" for p, w in sorted(warn.items()))
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .common import list_image_folder
+from .common import bad_name_reason, scan_image_folder
 from .validate import check_file
 
 Sample = Tuple[str, int]
@@ -267,10 +267,13 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: O
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     max_resolution = max_resolution or None  # 0 -> keep the original size
 
-    samples, classes = list_image_folder(src)
+    samples, classes, refused = scan_image_folder(src)
+    if not samples and not refused:
+        raise FileNotFoundError(f"no images under {src}")
     samples = select(src, samples, subset, fraction, seed, limit)
 
     good, shapes, skipped, notes = validate(samples, max_resolution, workers, progress)
+    skipped = list(refused) + skipped  # unusable names: listed with the unreadable files
     rel = lambda p: os.path.relpath(p, src)  # noqa: E731
     summary = dict(src=src, out=out, selected=len(samples), written=len(good), skipped=len(skipped),
                    classes=len(classes), manifest=manifest_path(out), skipped_report=skipped_path(out),
@@ -311,7 +314,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: O
             late = Path(error_log).read_text().splitlines()
             raise RuntimeError(f"{len(late)} image(s) passed validation but failed while writing "
                                f"(changed on disk?), e.g. {late[0]}; nothing written, rerun")
-        _atomic_write_text(skipped_path(out), "".join(f"{rel(p)}\t{why}\n" for p, why in skipped))
+        _atomic_write_text(skipped_path(out), "".join(
+            f"{rel(p) if bad_name_reason(p) is None else repr(rel(p))}\t{why}\n" for p, why in skipped))
         os.replace(tmp, out)  # the .beton appears complete or not at all
         _atomic_write_text(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
     except BaseException:
