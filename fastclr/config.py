@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import types
@@ -24,83 +25,78 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from loaders.common import LoaderConfig
+from loaders.common import LoaderConfig, bounds_text, option, out_of_bounds
 
 
 class ConfigError(ValueError):
     """A user error in the config or command line; its message is one line."""
 
 
-def _f(default, help: str, choices=None):
-    meta = {"help": help}
-    if choices:
-        meta["choices"] = tuple(choices)
-    return field(default=default, metadata=meta)
 
 
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
-    name: str = _f("", "model preset (r50_1x_sk0, r152_3x_sk1, ...): sets depth/width/sk_ratio; empty = use them")
-    depth: int = _f(50, "ResNet depth", (18, 34, 50, 101, 152, 200))
-    width: int = _f(1, "width multiplier", (1, 2, 3))
-    sk_ratio: float = _f(0.0, "selective kernels: 0 (off) or 0.0625 (SimCLRv2 SK)")
-    cifar_stem: bool = _f(False, "3x3 stride-1 stem without max-pool, for 32px images")
-    num_proj_layers: int = _f(3, "projection head layers (SimCLRv2: 3)")
-    proj_out_dim: int = _f(128, "projection output dimension")
-    ft_proj_selector: int = _f(1, "fine-tune from the output of head layer k (0 = backbone)")
-    channels_last: bool = _f(True, "run the model in channels_last memory format")
-    sync_bn: bool = _f(True, "global BatchNorm across ranks (SyncBatchNorm) when distributed")
-    compile: bool = _f(False, "torch.compile the model")
+    name: str = option("", "model preset (r50_1x_sk0, r152_3x_sk1, ...): sets depth/width/sk_ratio; empty = use them")
+    depth: int = option(50, "ResNet depth", (18, 34, 50, 101, 152, 200))
+    width: int = option(1, "width multiplier", (1, 2, 3))
+    sk_ratio: float = option(0.0, "selective kernels: 0 (off) or 0.0625 (SimCLRv2 SK)", ge=0, lt=1)
+    cifar_stem: bool = option(False, "3x3 stride-1 stem without max-pool, for 32px images")
+    num_proj_layers: int = option(3, "projection head layers (SimCLRv2: 3; 0: none, z = h)", ge=0)
+    proj_out_dim: int = option(128, "projection output dimension", ge=1)
+    ft_proj_selector: int = option(1, "fine-tune from the output of head layer k (0 = backbone, -1 = last)", ge=-1)
+    channels_last: bool = option(True, "run the model in channels_last memory format")
+    sync_bn: bool = option(True, "global BatchNorm across ranks (SyncBatchNorm) when distributed")
+    compile: bool = option(False, "torch.compile the model")
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = _f("lars", "optimizer", ("lars", "sgd", "adamw"))
-    lr: Optional[float] = _f(None, "absolute learning rate; none = base_lr scaled by lr_scaling")
-    base_lr: float = _f(0.075, "base learning rate before batch scaling (sqrt: 0.075, linear: 0.3)")
-    lr_scaling: str = _f("sqrt", "lr = base_lr*sqrt(B) or base_lr*B/256 (B = global batch)", ("sqrt", "linear"))
-    weight_decay: float = _f(1e-4, "weight decay (BN and bias excluded)")
-    momentum: float = _f(0.9, "momentum")
-    eta: float = _f(0.001, "LARS trust coefficient")
-    lars_mode: str = _f("tf", "tf: official TF LARS; torch: common PyTorch variant", ("tf", "torch"))
-    warmup_epochs: float = _f(10.0, "linear warmup epochs")
-    epochs: int = _f(800, "training epochs")
-    global_batch_size: int = _f(4096, "images per step over all ranks (per-rank batch = this / world)")
-    grad_accum: int = _f(1, "gradient accumulation steps (per-rank batch = global / world / accum)")
+    optimizer: str = option("lars", "optimizer", ("lars", "sgd", "adamw"))
+    lr: Optional[float] = option(None, "absolute learning rate; none = base_lr scaled by lr_scaling", gt=0)
+    base_lr: float = option(0.075, "base learning rate before batch scaling (sqrt: 0.075, linear: 0.3)", gt=0)
+    lr_scaling: str = option("sqrt", "lr = base_lr*sqrt(B) or base_lr*B/256 (B = global batch)", ("sqrt", "linear"))
+    weight_decay: float = option(1e-4, "weight decay (BN and bias excluded)", ge=0)
+    momentum: float = option(0.9, "momentum", ge=0, lt=1)
+    eta: float = option(0.001, "LARS trust coefficient", gt=0)
+    lars_mode: str = option("tf", "tf: official TF LARS; torch: common PyTorch variant", ("tf", "torch"))
+    warmup_epochs: float = option(10.0, "linear warmup epochs", ge=0)
+    epochs: int = option(800, "training epochs", ge=1)
+    global_batch_size: int = option(4096, "images per step over all ranks (per-rank batch = this / world)", ge=1)
+    grad_accum: int = option(1, "gradient accumulation steps (per-rank batch = global / world / accum)", ge=1)
 
 
 @dataclass
 class LossConfig:
-    temperature: float = _f(0.1, "NT-Xent temperature")
-    chunk_size: Optional[int] = _f(None, "memory-lean NT-Xent column chunk; none = automatic")
-    queue_size: int = _f(0, "memory queue negatives (0 = off; paper: 65536)")
-    queue_momentum: float = _f(0.999, "EMA momentum of the queue encoder")
+    temperature: float = option(0.1, "NT-Xent temperature", gt=0)
+    chunk_size: Optional[int] = option(None, "memory-lean NT-Xent column chunk; none = automatic, 0 = dense", ge=0)
+    queue_size: int = option(0, "memory queue negatives (0 = off; paper: 65536)", ge=0)
+    queue_momentum: float = option(0.999, "EMA momentum of the queue encoder", ge=0, le=1)
 
 
 @dataclass
 class BaseRunConfig:
     """The ``run`` fields every entry point shares (pretrain's RunConfig, finetune/distill/linear_eval's
     TrainRunConfig add theirs and override the defaults that differ)."""
-    out_dir: str = _f("runs/pretrain", "run directory: config.json, log.jsonl, checkpoints")
-    seed: int = _f(0, "global seed (each rank derives its own)")
-    device: str = _f("auto", "auto (cuda if available), cuda or cpu", ("auto", "cuda", "cpu"))
-    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", ("auto", "fp32", "bf16", "fp16"))
-    max_steps: Optional[int] = _f(None, "stop after this many steps (none = all epochs)")
-    log_every: int = _f(20, "steps between logs (the only host syncs of the loop)")
-    ckpt_every: int = _f(1000, "steps between checkpoints (and one at the end)")
-    keep_last: int = _f(3, "checkpoints kept")
-    resume: str = _f("", "'' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path")
-    deterministic: bool = _f(False, "deterministic algorithms (CPU exact-resume tests)")
-    progress: bool = _f(True, "show a progress bar")
+    out_dir: str = option("runs/pretrain", "run directory: config.json, log.jsonl, checkpoints")
+    seed: int = option(0, "global seed (each rank derives its own)", ge=0)
+    device: str = option("auto", "auto (cuda if available), cuda or cpu", ("auto", "cuda", "cpu"))
+    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", ("auto", "fp32", "bf16", "fp16"))
+    max_steps: Optional[int] = option(None, "stop after this many steps (none = all epochs)", ge=0)
+    log_every: int = option(20, "steps between logs (the only host syncs of the loop)", ge=1)
+    ckpt_every: int = option(1000, "steps between checkpoints (and one at the end)", ge=1)
+    keep_last: int = option(3, "checkpoints kept (0 = all)", ge=0)
+    resume: str = option("", "'' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path")
+    deterministic: bool = option(False, "deterministic algorithms (CPU exact-resume tests)")
+    progress: bool = option(True, "show a progress bar")
 
 
 @dataclass
 class RunConfig(BaseRunConfig):
-    knn_eval: bool = _f(True, "k-NN top-1 on the val set at the end (trained vs random init)")
-    val_path: str = _f("", "val ImageFolder for k-NN (empty: the demo val set when data.path is empty)")
-    knn_train_size: int = _f(10000, "k-NN: train images in the feature bank (class-balanced subset)")
-    knn_val_size: int = _f(2000, "k-NN: val images scored")
+    knn_eval: bool = option(True, "k-NN top-1 on the val set at the end (trained vs random init)")
+    val_path: str = option("", "val ImageFolder for k-NN (empty: the demo val set when data.path is empty)")
+    knn_train_size: int = option(10000, "k-NN: train images in the feature bank (class-balanced subset)", ge=1)
+    knn_val_size: int = option(2000, "k-NN: val images scored", ge=1)
 
 
 @dataclass
@@ -201,13 +197,17 @@ def _coerce(value: Any, tp, key: str):
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)  # int -> float allowed
+            v = float(value)  # int -> float allowed
+            if not math.isfinite(v):
+                raise ValueError
+            return v
         if tp is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"--{key}: expected {_type_name(tp)}, got {value!r}") from None
+        raise ConfigError(f"--{key}: expected {'a finite ' if tp is float else ''}{_type_name(tp)}, "
+                          f"got {value!r}") from None
     raise ConfigError(f"--{key}: unsupported field type {tp}")
 
 
@@ -244,6 +244,9 @@ def set_value(cfg, key: str, value: Any) -> None:
     choices = f.metadata.get("choices")
     if choices and v is not None and v not in choices:
         raise ConfigError(f"--{key}: {v!r} is not one of {', '.join(map(str, choices))}")
+    bounds = f.metadata.get("bounds")
+    if bounds and v is not None and out_of_bounds(v, bounds):
+        raise ConfigError(f"--{key}: must be {bounds_text(bounds)}, got {v!r}")
     obj = cfg
     *path, leaf = key.split(".")
     for p in path:
@@ -285,8 +288,9 @@ def help_text(cls, presets: Dict[str, Dict[str, Any]], prog: str, description: s
             section = sec
             lines.append(f"  [{sec or 'general'}]")
         d = get_value(default, key)
-        choices = f.metadata.get("choices")
+        choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
         extra = f" {{{','.join(map(str, choices))}}}" if choices else ""
+        extra += f" [{bounds_text(bounds)}]" if bounds else ""
         lines.append(f"    --{key}={_fmt(d)!s:<14} {f.metadata.get('help', '')} ({_type_name(tp)}){extra}")
     lines += ["", "Values: bools true/false/1/0, none for optional fields, tuples as a,b. "
               "Unknown options are errors."]

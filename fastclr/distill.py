@@ -43,7 +43,7 @@ from torch import nn
 
 from fastclr import config as C
 from fastclr import dist, runtime
-from fastclr.config import _f
+from fastclr.config import option
 from fastclr.finetune import (
     SubsetConfig,
     TrainRunConfig,
@@ -70,20 +70,21 @@ PROG = "distill.py"
 
 @dataclass
 class DistillSection:
-    temperature: float = _f(1.0, "temperature tau (paper: 1.0 big-to-small, 0.1 self-distillation)")
-    alpha: float = _f(0.0, "weight of the cross-entropy on the labelled subset (0 = labels unused)")
-    student: str = _f("model", "student architecture: model.* section, or the teacher's (self-distillation)",
+    temperature: float = option(1.0, "temperature tau (paper: 1.0 big-to-small, 0.1 self-distillation)", gt=0)
+    alpha: float = option(0.0, "weight of the cross-entropy on the labelled subset (0 = labels unused)",
+                          ge=0, le=1)
+    student: str = option("model", "student architecture: model.* section, or the teacher's (self-distillation)",
                       ("model", "teacher"))
-    cache_teacher: bool = _f(False, "compute the teacher's logits once (needs data.augment=eval)")
-    teacher_precision: str = _f("auto", "teacher forward precision: auto = bf16 on GPU, fp32 on CPU",
+    cache_teacher: bool = option(False, "compute the teacher's logits once (needs data.augment=eval)")
+    teacher_precision: str = option("auto", "teacher forward precision: auto = bf16 on GPU, fp32 on CPU",
                                 ("auto", "fp32", "bf16", "fp16"))
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = _f("", "fine-tuned teacher: finetune/distill run dir (its best.pt) or checkpoint file")
-    student_ckpt: str = _f("", "optional pretrain.py checkpoint (or run dir) the student starts from")
-    zero_init_head: bool = _f(False, "zero-initialize the student's classifier")
+    teacher: str = option("", "fine-tuned teacher: finetune/distill run dir (its best.pt) or checkpoint file")
+    student_ckpt: str = option("", "optional pretrain.py checkpoint (or run dir) the student starts from")
+    zero_init_head: bool = option(False, "zero-initialize the student's classifier")
     distill: DistillSection = field(default_factory=DistillSection)
     data: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment="finetune"))
     model: C.ModelConfig = field(default_factory=C.ModelConfig)
@@ -196,10 +197,6 @@ def train(cfg: DistillConfig) -> int:
     d = cfg.distill
     if not cfg.teacher:
         raise UserError("give --teacher=PATH: a finetune.py (or distill.py) run directory or checkpoint")
-    if d.temperature <= 0:
-        raise UserError(f"distill.temperature must be > 0, got {d.temperature}")
-    if not 0.0 <= d.alpha <= 1.0:
-        raise UserError(f"distill.alpha must be in [0, 1], got {d.alpha}")
     if d.cache_teacher and cfg.data.augment != "eval":
         raise UserError("distill.cache_teacher=true needs data.augment=eval (augmented views change)")
     rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir = runtime.start_run(cfg)

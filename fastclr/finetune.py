@@ -46,7 +46,7 @@ import loaders
 from fastclr import checkpoint as ckpt
 from fastclr import config as C
 from fastclr import dist, runtime
-from fastclr.config import BaseRunConfig, _f
+from fastclr.config import BaseRunConfig, option
 from fastclr.models import LinearHead, build_model, convert_sync_bn
 from fastclr.pretrain import build_optimizer, model_kwargs
 from fastclr.runtime import UserError
@@ -62,29 +62,29 @@ ARCH_KEYS = ("depth", "width", "sk_ratio", "cifar_stem", "num_proj_layers", "pro
 # ----------------------------------------------------------------------------- config
 @dataclass
 class SubsetConfig:
-    list: str = _f("", "official label subset: one file name per line (1percent.txt); '' = none")
+    list: str = option("", "official label subset: one file name per line (1percent.txt); '' = none")
     # typing.Optional, not `X | None`: fastclr.config's parser recognizes typing.Union only
-    fraction: Optional[float] = _f(  # noqa: UP045
-        None, "seeded class-balanced label fraction, >= 1 per class; none = off")
-    seed: int = _f(0, "seed of the fraction draw")
+    fraction: Optional[float] = option(  # noqa: UP045
+        None, "seeded class-balanced label fraction, >= 1 per class; none = off", gt=0, le=1)
+    seed: int = option(0, "seed of the fraction draw", ge=0)
 
 
 @dataclass
 class TrainRunConfig(BaseRunConfig):
     """The ``run`` section of finetune / distill / linear_eval: pretrain's shared fields, other
     defaults, and val evaluation instead of k-NN."""
-    out_dir: str = _f("runs/finetune", "run directory: config.json, log.jsonl, checkpoints, best.pt")
-    ckpt_every: int = _f(1000, "steps between checkpoints (also one after every eval and at the end)")
-    keep_last: int = _f(2, "rolling checkpoints kept (best.pt is kept apart)")
-    val_path: str = _f("", "val ImageFolder (empty: the demo val set when data.path is empty, else no eval)")
-    eval_every: int = _f(1, "epochs between val evaluations (0 = only at the end)")
-    eval_batch_size: int = _f(256, "val batch size")
+    out_dir: str = option("runs/finetune", "run directory: config.json, log.jsonl, checkpoints, best.pt")
+    ckpt_every: int = option(1000, "steps between checkpoints (also one after every eval and at the end)", ge=1)
+    keep_last: int = option(2, "rolling checkpoints kept (best.pt is kept apart; 0 = all)", ge=0)
+    val_path: str = option("", "val ImageFolder (empty: the demo val set when data.path is empty, else no eval)")
+    eval_every: int = option(1, "epochs between val evaluations (0 = only at the end)", ge=0)
+    eval_batch_size: int = option(256, "val batch size", ge=1)
 
 
 @dataclass
 class FinetuneConfig:
-    ckpt: str = _f("", "pretrain checkpoint (file, or run dir = its newest ckpt), or 'none' = from scratch")
-    zero_init_head: bool = _f(True, "zero-initialize the classifier (TF zero_init_logits_layer)")
+    ckpt: str = option("", "pretrain checkpoint (file, or run dir = its newest ckpt), or 'none' = from scratch")
+    zero_init_head: bool = option(True, "zero-initialize the classifier (TF zero_init_logits_layer)")
     data: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment="finetune"))
     model: C.ModelConfig = field(default_factory=C.ModelConfig)
     optim: C.OptimConfig = field(default_factory=lambda: C.OptimConfig(

@@ -43,7 +43,7 @@ from torch import nn
 from fastclr import checkpoint as ckpt
 from fastclr import config as C
 from fastclr import dist, runtime
-from fastclr.config import _f
+from fastclr.config import option
 from fastclr.finetune import (
     Classifier,
     SubsetConfig,
@@ -68,10 +68,10 @@ PROG = "linear_eval.py"
 
 @dataclass
 class LinearEvalConfig:
-    ckpt: str = _f("", "pretrain.py checkpoint or run dir (or a finetune/distill checkpoint: its backbone)")
-    fast: bool = _f(True, "extract features once (centre crop) and train on them; false = network every step")
-    raw_pixels: bool = _f(False, "no network: logistic regression on the flattened pixels (fast path)")
-    standardize: bool = _f(False, "z-score features with train mean/std (fast path; folded into the layer)")
+    ckpt: str = option("", "pretrain.py checkpoint or run dir (or a finetune/distill checkpoint: its backbone)")
+    fast: bool = option(True, "extract features once (centre crop) and train on them; false = network every step")
+    raw_pixels: bool = option(False, "no network: logistic regression on the flattened pixels (fast path)")
+    standardize: bool = option(False, "z-score features with train mean/std (fast path; folded into the layer)")
     data: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment="finetune"))
     model: C.ModelConfig = field(default_factory=lambda: C.ModelConfig(ft_proj_selector=0))
     optim: C.OptimConfig = field(default_factory=lambda: C.OptimConfig(

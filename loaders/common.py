@@ -22,48 +22,70 @@ class Batch(NamedTuple):
     labels: Optional[object]
 
 
-def _f(default, help, choices=None):
-    """A dataclass field with a one-line help (shown by --help) and optional allowed values."""
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def option(default, help, choices=None, *, ge=None, gt=None, le=None, lt=None):
+    """A config field: its default, a one-line help (shown by --help), and optionally the allowed
+    values (``choices``) or a numeric range (``ge``/``gt``/``le``/``lt``), which the config parser
+    checks for every value it sets (command line, preset, saved config), before any heavy work."""
     meta = {"help": help}
     if choices:
         meta["choices"] = tuple(choices)
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        meta["bounds"] = bounds
     return field(default=default, metadata=meta)
+
+
+def bounds_text(bounds) -> str:
+    """``{"gt": 0, "le": 1}`` -> ``"> 0 and <= 1"``."""
+    return " and ".join(f"{_BOUND_TEXT[k]} {v}" for k, v in bounds.items())
+
+
+def out_of_bounds(value, bounds) -> bool:
+    """Whether a number breaks ``bounds`` (NaN breaks every bound)."""
+    ok = {"ge": lambda b: value >= b, "gt": lambda b: value > b, "le": lambda b: value <= b,
+          "lt": lambda b: value < b}
+    return not all(ok[k](b) for k, b in bounds.items())
 
 
 @dataclass
 class LoaderConfig:
     """What a backend needs to know besides the AugmentSpec. Also the ``data`` config section."""
-    backend: str = _f("torch", "data backend", ("torch", "dali", "ffcv"))
-    path: str = _f("", "ImageFolder root (torch, dali) or .beton file (ffcv); empty = the Fashion-MNIST demo set")
-    file_list: Optional[str] = _f(None, "optional list file of images to use ('relpath [label]' per line)")
-    augment: str = _f("simclr", "augment recipe preset", ("simclr", "finetune", "eval"))
-    image_size: int = _f(224, "output side of every view, pixels")
-    batch_size: int = _f(256, "images per rank per step")
-    num_workers: int = _f(2, "torch: DataLoader workers; dali: CPU threads; ffcv: workers")
-    train: bool = _f(True, "shuffle and drop the last partial batch")
-    seed: int = _f(0, "base seed; per-rank and per-epoch seeds derive from it")
-    dtype: str = _f("float32", "dtype of the views", ("float32", "bfloat16", "float16"))
-    decode_device: str = _f("cpu", "torch backend: decode JPEGs on cpu workers or cuda (nvJPEG)", ("cpu", "cuda"))
-    photometry_device: str = _f("auto", "where colour ops run: auto (the training device) or cpu", ("auto", "cpu"))
-    photometry_mode: str = _f("auto", "colour-op kernels: auto (GPU: where, CPU: subset), where (every op on the "
+    backend: str = option("torch", "data backend", ("torch", "dali", "ffcv"))
+    path: str = option("", "ImageFolder root (torch, dali) or .beton file (ffcv); empty = the Fashion-MNIST demo set")
+    file_list: Optional[str] = option(None, "optional list file of images to use ('relpath [label]' per line)")
+    augment: str = option("simclr", "augment recipe preset", ("simclr", "finetune", "eval"))
+    image_size: int = option(224, "output side of every view, pixels", ge=1)
+    batch_size: int = option(256, "images per rank per step", ge=1)
+    num_workers: int = option(2, "torch: DataLoader workers; dali: CPU threads; ffcv: workers", ge=0)
+    train: bool = option(True, "shuffle and drop the last partial batch")
+    seed: int = option(0, "base seed; per-rank and per-epoch seeds derive from it", ge=0)
+    dtype: str = option("float32", "dtype of the views", ("float32", "bfloat16", "float16"))
+    decode_device: str = option("cpu", "torch backend: decode JPEGs on cpu workers or cuda (nvJPEG)", ("cpu", "cuda"))
+    photometry_device: str = option("auto", "where colour ops run: auto (the training device) or cpu", ("auto", "cpu"))
+    photometry_mode: str = option("auto", "colour-op kernels: auto (GPU: where, CPU: subset), where (every op on the "
                               "whole batch, masked: no host sync) or subset (each op on its own samples: less "
                               "work, host syncs)", ("auto", "where", "subset"))
-    jitter_strength: float = _f(1.0, "colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)")
-    blur: bool = _f(True, "gaussian blur p=0.5 (TF turns it off for 32px CIFAR-like data)")
+    jitter_strength: float = option(1.0, "colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)",
+                                    ge=0)
+    blur: bool = option(True, "gaussian blur p=0.5 (TF turns it off for 32px CIFAR-like data)")
     # DALI
     # Default picked by the GPU benchmark (H100, 2026-11-28): native DALI ops 6479 vs 4644 images/s loader-only,
     # 1813 vs 1469 images/s under an R50 step; "torch" keeps the exact TF colour ops (README: deviations).
-    dali_photometry: str = _f("dali", "dali: colour ops as native DALI ops (faster) or in torch (exact TF ops, "
+    dali_photometry: str = option("dali", "dali: colour ops as native DALI ops (faster) or in torch (exact TF ops, "
                               "shared augment.py)", ("dali", "torch"))
-    dali_roi_decode: bool = _f(False, "dali: ROI-decode each view (image_random_crop) instead of decode once")
-    hw_decoder_load: float = _f(0.65, "dali: share of JPEG decoding on the A100/H100 hardware decoder")
-    device_memory_padding: int = _f(211025920, "dali: nvJPEG device buffer preallocation, bytes")
-    host_memory_padding: int = _f(140544512, "dali: nvJPEG pinned host buffer preallocation, bytes")
-    dali_prefetch: int = _f(2, "dali: prefetch queue depth")
+    dali_roi_decode: bool = option(False, "dali: ROI-decode each view (image_random_crop) instead of decode once")
+    hw_decoder_load: float = option(0.65, "dali: share of JPEG decoding on the A100/H100 hardware decoder",
+                                    ge=0, le=1)
+    device_memory_padding: int = option(211025920, "dali: nvJPEG device buffer preallocation, bytes", ge=0)
+    host_memory_padding: int = option(140544512, "dali: nvJPEG pinned host buffer preallocation, bytes", ge=0)
+    dali_prefetch: int = option(2, "dali: prefetch queue depth", ge=1)
     # FFCV
-    ffcv_order: str = _f("random", "ffcv: sample order", ("random", "quasi_random"))
-    os_cache: bool = _f(True, "ffcv: read the .beton through the OS page cache (False: FFCV's own cache)")
-    batches_ahead: int = _f(3, "ffcv: batches prepared ahead")
+    ffcv_order: str = option("random", "ffcv: sample order", ("random", "quasi_random"))
+    os_cache: bool = option(True, "ffcv: read the .beton through the OS page cache (False: FFCV's own cache)")
+    batches_ahead: int = option(3, "ffcv: batches prepared ahead", ge=1)
 
 
 def parse_dtype(name: str):

@@ -73,3 +73,50 @@ def test_file_name_with_a_line_break_is_refused_by_name(tmp_path, caplog, capsys
     assert "'class0/a\\nb.jpg'\tits name contains a line break" in report
     s = write_ffcv.convert(root, tmp_path / "x.beton", dry_run=True, workers=1, progress=False)
     assert s["would_write"] == 6 and s["skipped"] == 1 and "line break" in s["skipped_files"][0][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: declared ranges, checked when the config is parsed (one line, exit 2, no heavy work)
+# ---------------------------------------------------------------------------------------------
+
+BAD_OPTIONS = [  # each once accepted silently or crashed later with a traceback
+    ("pretrain", "--optim.lr=-1", "--optim.lr: must be > 0"),
+    ("pretrain", "--loss.temperature=-0.1", "--loss.temperature: must be > 0"),
+    ("pretrain", "--loss.temperature=0", "--loss.temperature: must be > 0"),
+    ("pretrain", "--run.ckpt_every=0", "--run.ckpt_every: must be >= 1"),
+    ("pretrain", "--run.log_every=0", "--run.log_every: must be >= 1"),
+    ("pretrain", "--optim.grad_accum=0", "--optim.grad_accum: must be >= 1"),
+    ("pretrain", "--data.image_size=0", "--data.image_size: must be >= 1"),
+    ("pretrain", "--data.num_workers=-1", "--data.num_workers: must be >= 0"),
+    ("pretrain", "--optim.momentum=1.5", "--optim.momentum: must be >= 0 and < 1"),
+    ("pretrain", "--optim.weight_decay=inf", "--optim.weight_decay: expected a finite float"),
+    ("finetune", "--subset.fraction=0", "--subset.fraction: must be > 0 and <= 1"),
+    ("finetune", "--run.eval_batch_size=0", "--run.eval_batch_size: must be >= 1"),
+    ("distill", "--distill.alpha=2", "--distill.alpha: must be >= 0 and <= 1"),
+    ("distill", "--distill.temperature=0", "--distill.temperature: must be > 0"),
+    ("linear_eval", "--optim.epochs=0", "--optim.epochs: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("entry, arg, needle", BAD_OPTIONS)
+def test_out_of_range_options_are_one_line_errors(entry, arg, needle, capsys):
+    import importlib
+    mod = importlib.import_module(f"fastclr.{entry}")
+    with pytest.raises(SystemExit) as e:
+        mod.main([arg, "--run.out_dir=/nonexistent/never_written"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_presets_and_defaults_are_in_range():
+    """Every preset of every entry point passes the same checks as the command line."""
+    from fastclr import config as C
+    from fastclr.distill import DISTILL_PRESETS, DistillConfig
+    from fastclr.finetune import FINETUNE_PRESETS, FinetuneConfig
+    from fastclr.linear_eval import LINEAR_PRESETS, LinearEvalConfig
+    for cls, presets in ((C.PretrainConfig, C.PRETRAIN_PRESETS), (FinetuneConfig, FINETUNE_PRESETS),
+                         (DistillConfig, DISTILL_PRESETS), (LinearEvalConfig, LINEAR_PRESETS)):
+        for name in presets:
+            C.parse_into(cls(), [name], presets)
+        C.from_dict(cls, C.to_dict(cls()))  # the defaults, through the checked setter
