@@ -87,6 +87,8 @@ class BaseRunConfig:
     ckpt_every: int = option(1000, "steps between checkpoints (and one at the end)", ge=1)
     keep_last: int = option(3, "checkpoints kept (0 = all)", ge=0)
     resume: str = option("", "'' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path")
+    overwrite: bool = option(False, "a fresh run may delete the checkpoints (and best.pt, log.jsonl) another "
+                             "run left in out_dir; without it that is an error")
     deterministic: bool = option(False, "deterministic algorithms (CPU exact-resume tests)")
     progress: bool = option(True, "show a progress bar")
 

@@ -199,7 +199,7 @@ def train(cfg: DistillConfig) -> int:
         raise UserError("give --teacher=PATH: a finetune.py (or distill.py) run directory or checkpoint")
     if d.cache_teacher and cfg.data.augment != "eval":
         raise UserError("distill.cache_teacher=true needs data.augment=eval (augmented views change)")
-    rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir = runtime.start_run(cfg)
+    rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir, ckpts = runtime.start_run(cfg)
     t_dtype = runtime.resolve_precision(d.teacher_precision, device)
 
     # ------------------------------------------------------------------ teacher
@@ -281,7 +281,7 @@ def train(cfg: DistillConfig) -> int:
         return distill_step(fwd, teacher, x, d.temperature, labels, d.alpha, cached, t_dtype)
 
     return fit(PROG, cfg, student, arch, classes, loss_fn, loader, vloader, bool(val_path), device, dtype,
-               per_rank, world, extra_log={"teacher": t_file, "init": source, "temperature": d.temperature,
+               per_rank, world, ckpts, extra_log={"teacher": t_file, "init": source, "temperature": d.temperature,
                                            "alpha": d.alpha},
                make_optimizer=classifier_optimizer(cfg.optim))
 

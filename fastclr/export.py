@@ -23,6 +23,7 @@ import sys
 import torch
 from torch import nn
 
+from fastclr import checkpoint as ckpt
 from fastclr.models import build_backbone, model_name, parse_model_name
 
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)
@@ -89,10 +90,9 @@ def _load(path: str):
     if not os.path.isfile(path):
         raise _BadInput(f"no such file: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError... per defect
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _BadInput(f"{path} is not a torch checkpoint ({first[:200]})") from None
+        return ckpt.read(path)
+    except ckpt.UnusableCheckpoint as e:  # names the file and says why, in one line
+        raise _BadInput(str(e)) from None
 
 
 def _arch(args, config: dict) -> dict:

@@ -178,7 +178,9 @@ def _load(path: str, what: str) -> tuple[str, dict[str, Any]]:
         return str(p), ckpt.load(p)
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001  (missing, truncated, not a checkpoint: one line for the user)
+    except ckpt.UnusableCheckpoint as e:  # its message names the file and says why
+        raise UserError(f"{what}: {e}") from None
+    except Exception as e:  # noqa: BLE001  (missing, unreadable: one line for the user)
         first = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"{what} {path}: {type(e).__name__}: {first}") from None
 
@@ -345,7 +347,7 @@ def train(cfg: FinetuneConfig) -> int:
     # ------------------------------------------------------------------ setup
     if not cfg.ckpt:
         raise UserError("give --ckpt=PATH (a pretrain.py checkpoint or run dir) or --ckpt=none (scratch)")
-    rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir = runtime.start_run(cfg)
+    rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir, ckpts = runtime.start_run(cfg)
 
     # ------------------------------------------------------------------ model
     classes = dataset_classes(train_path)
@@ -377,7 +379,7 @@ def train(cfg: FinetuneConfig) -> int:
         return loss, (logits.argmax(1) == batch.labels).float().mean()
 
     return fit(PROG, cfg, model, arch, classes, loss_fn, loader, vloader, bool(val_path), device, dtype,
-               per_rank, world, extra_log={"labeled_images": n_labeled, "init": source},
+               per_rank, world, ckpts, extra_log={"labeled_images": n_labeled, "init": source},
                make_optimizer=classifier_optimizer(cfg.optim))
 
 
@@ -402,7 +404,7 @@ def classifier_optimizer(o: C.OptimConfig):
 # ----------------------------------------------------------------------------- the loop
 def fit(prog: str, cfg, model: Classifier, arch: dict[str, Any], classes: list[str],
         loss_fn: Callable, loader, vloader, has_val: bool, device: torch.device, dtype: torch.dtype,
-        per_rank: int, world: int, extra_log: dict[str, Any] | None = None,
+        per_rank: int, world: int, ckpts: ckpt.RunCheckpoints, extra_log: dict[str, Any] | None = None,
         make_optimizer: Callable | None = None) -> int:
     """Train ``model`` with ``loss_fn(fwd, batch) -> (loss, accuracy-like metric)``: LARS/SGD, warmup +
     cosine, checkpoints, resume, eval and best.pt, NaN stop. Used by finetune.py and distill.py.
@@ -435,42 +437,36 @@ def fit(prog: str, cfg, model: Classifier, arch: dict[str, Any], classes: list[s
 
     # ------------------------------------------------------------------ resume
     step, best = 0, {"top1": -1.0}
-    if run.resume:
-        found = (ckpt.load_latest_valid(out_dir) if run.resume == "auto"
-                 else _load(run.resume, "run.resume"))
-        if found is None:
-            dist.print0(f"{prog}: run.resume=auto: no checkpoint in {out_dir}, starting fresh")
-        else:
-            path, state = found
-            if "arch" not in state or state["arch"] != arch:
-                raise UserError(f"{path} holds another architecture ({state.get('arch')}), not {arch}")
-            raw_model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            ckpt.set_rng_state(state["rng"])
-            step, best = int(state["step"]), dict(state.get("best", best))
-            dist.print0(f"{prog}: resumed from {path} at step {step}")
-    last_ckpt = None
+    found = ckpts.load_resume()
+    if found is None and run.resume == "auto":
+        dist.print0(f"{prog}: run.resume=auto: no checkpoint in {out_dir}, starting fresh")
+    elif found is not None:
+        path, state = found
+        if "arch" not in state or state["arch"] != arch:
+            raise UserError(f"{path} holds another architecture ({state.get('arch')}), not {arch}")
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        step, best = int(state["step"]), dict(state.get("best", best))
+        dist.print0(f"{prog}: resumed from {path} at step {step}")
 
     def check_finite():
-        finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()
-        if not bool(finite):  # one host sync, at checkpoint time only
-            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
-            raise SystemExit(f"{prog}: non-finite weights at step {step}; stopping. {where}. "
-                             f"Lower optim.lr or check the data, then --run.resume=auto.")
+        bad = ckpt.first_non_finite(raw_model.state_dict())  # one host sync, at eval/checkpoint time only
+        if bad:
+            where = f"last good checkpoint: {ckpts.last}" if ckpts.last else "no good checkpoint written yet"
+            raise ckpt.NonFiniteState(f"non-finite values in model.{bad} after step {step}; stopping ({where}). "
+                                      f"Lower optim.lr or check the data, then --run.resume=auto")
 
     def weights_state() -> dict[str, Any]:
         return {"model": raw_model.state_dict(), "arch": arch, "classes": classes, "step": step,
                 "epoch": step // steps_per_epoch, "config": C.to_dict(cfg)}
 
     def save_checkpoint():
-        nonlocal last_ckpt
-        check_finite()
-        if dist.is_main():
-            state = {**weights_state(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "step_in_epoch": step % steps_per_epoch, "rng": ckpt.rng_state(), "best": best}
-            last_ckpt = ckpt.save(ckpt.path_for(out_dir, step), state)
-            ckpt.prune(out_dir, run.keep_last)
+        tensors = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict()}
+        ckpts.save(step, lambda: {**weights_state(), **tensors, "scaler": scaler.state_dict(),
+                                  "step_in_epoch": step % steps_per_epoch, "rng": ckpt.rng_state(),
+                                  "best": best}, tensors)
         dist.barrier()
 
     def run_eval(epoch: int):
@@ -517,11 +513,11 @@ def fit(prog: str, cfg, model: Classifier, arch: dict[str, Any], classes: list[s
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            meter.add(step, loss, acc)
             step += 1
+            meter.add(step, loss, acc)
             bar.update(1)
             if step % run.log_every == 0 or step == total_steps:
-                w = meter.read(prog, last_ckpt)
+                w = meter.read(prog, ckpts.last, lambda s: lr_at(s - 1, peak_lr, warmup_steps, total_steps))
                 log.write(step=step, epoch=epoch, loss=round(w.loss, 5), train_acc=round(w.acc, 4),
                           lr=lr, images_per_s=round(w.steps * o.global_batch_size / w.seconds, 1),
                           data_wait=round(w.data_wait, 4), gpu_mem_gb=runtime.gpu_memory_gb(device))
@@ -545,7 +541,7 @@ def fit(prog: str, cfg, model: Classifier, arch: dict[str, Any], classes: list[s
     summary = dict(event="done", step=step, final_top1=last_eval.get("top1"),
                    final_top5=last_eval.get("top5"),
                    best_top1=best["top1"] if best["top1"] >= 0 else None, best_top5=best.get("top5"),
-                   best_step=best.get("step"), checkpoint=str(last_ckpt) if last_ckpt else None,
+                   best_step=best.get("step"), checkpoint=str(ckpts.last) if ckpts.last else None,
                    best=os.path.join(out_dir, "best.pt"), **(extra_log or {}))
     log.write(**summary)
     log.close()

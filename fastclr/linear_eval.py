@@ -241,7 +241,7 @@ def run(cfg: LinearEvalConfig) -> int:
         raise UserError("the fast path runs in one process: drop torchrun, or use --fast=false")
     if (cfg.raw_pixels or cfg.standardize) and not cfg.fast:
         raise UserError("raw_pixels and standardize need the fast path (--fast=true)")
-    rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir = runtime.start_run(cfg)
+    rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir, ckpts = runtime.start_run(cfg)
 
     classes = dataset_classes(train_path)
     net, arch, source = load_network(cfg, len(classes))
@@ -261,7 +261,7 @@ def run(cfg: LinearEvalConfig) -> int:
             return F.cross_entropy(logits, batch.labels), (logits.argmax(1) == batch.labels).float().mean()
 
         return fit(PROG, cfg, net, arch, classes, loss_fn, loader, vloader, bool(val_path), device, dtype,
-                   per_rank, world, extra_log={"path": "slow", "init": source, "labeled_images": n_labeled},
+                   per_rank, world, ckpts, extra_log={"path": "slow", "init": source, "labeled_images": n_labeled},
                    make_optimizer=make_sgd(cfg.optim))
 
     # ---------------------------------------------------------------- fast: cached features

@@ -178,7 +178,8 @@ def nt_xent(
             ``-log softmax(logits)[positive]``, each anchor against 2BW - 1 other embeddings
             (+ K extra negatives). See the module docstring for the gradient convention.
         accuracy (if return_accuracy): 0-dim tensor, the fraction of this rank's anchors whose
-            positive scores above every negative. A tensor, so reading it is the caller's sync.
+            positive scores above every negative (stricter than TF's logged metric, which is
+            ``contrastive_accuracy``). A tensor, so reading it is the caller's sync.
 
     Computed in float32 (or float64) with autocast disabled, whatever the input dtype.
     """
@@ -218,6 +219,29 @@ def nt_xent(
     if return_accuracy:
         return loss, (pos_logit.detach() > max_neg).to(dtype).mean()
     return loss
+
+
+@torch.no_grad()
+def contrastive_accuracy(z1: torch.Tensor, z2: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """TF's ``contrast_acc`` (google-research/simclr tf2/metrics.py on objective.py's ``logits_ab``):
+    the fraction of this rank's view-1 embeddings whose most similar view-2 embedding, among all
+    ranks' view-2 embeddings, is its own positive. The view-1 negatives (TF's ``logits_aa``) and view-2
+    anchors play no part. ``z1, z2``: ``[B, D]``; a 0-dim tensor (reading it is the caller's sync).
+
+    nt_xent's ``return_accuracy`` is stricter (every anchor of both views against all 2BW - 1 other
+    embeddings) and reads lower; this is the number TF logs. Columns in chunks of ``chunk``: memory
+    [B, chunk] whatever the global batch."""
+    b = z1.shape[0]
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    with torch.autocast(z1.device.type, enabled=False):
+        q = F.normalize(z1.to(dtype), dim=1)
+        k = fdist.gather_nograd(F.normalize(z2.to(dtype), dim=1))  # [W*B, D], rank-major
+        pos = fdist.rank() * b + torch.arange(b, device=q.device)
+        pos_logit = (q * k[pos]).sum(1)
+        best_other = q.new_full((b,), -float("inf"))
+        for c0 in range(0, k.shape[0], chunk):
+            best_other = torch.maximum(best_other, _max_negative(q @ k[c0:c0 + chunk].T, c0, pos))
+        return (pos_logit > best_other).to(dtype).mean()
 
 
 # ----------------------------------------------------------------------------- memory queue

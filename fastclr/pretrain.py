@@ -28,7 +28,7 @@ from fastclr import config as C
 from fastclr import dist, runtime
 from fastclr.knn import knn_report
 from fastclr.lars import LARS
-from fastclr.losses import MomentumQueue, nt_xent
+from fastclr.losses import MomentumQueue, contrastive_accuracy, nt_xent
 from fastclr.models import build_model, convert_sync_bn, parse_model_name
 from fastclr.runtime import UserError
 from fastclr.schedule import lr_at, scaled_lr
@@ -63,7 +63,8 @@ def train(cfg: C.PretrainConfig) -> int:
     # ------------------------------------------------------------------ setup
     o = cfg.optim
     # Contrastive pairs need >= 2 images per rank.
-    rank, world, device, dtype, per_rank, train_path, val_path, is_demo, out_dir = runtime.start_run(cfg, min_batch=2)
+    rank, world, device, dtype, per_rank, train_path, val_path, is_demo, out_dir, ckpts = runtime.start_run(
+        cfg, min_batch=2)
     if is_demo:
         dist.print0(f"{PROG}: no data.path given: the Fashion-MNIST demo set at {os.path.dirname(train_path)}")
 
@@ -108,39 +109,29 @@ def train(cfg: C.PretrainConfig) -> int:
 
     # ------------------------------------------------------------------ resume
     step = 0
-    if cfg.run.resume:
-        found = (ckpt.load_latest_valid(out_dir) if cfg.run.resume == "auto"
-                 else (cfg.run.resume, ckpt.load(cfg.run.resume)))
-        if found is None:
-            dist.print0(f"{PROG}: run.resume=auto: no checkpoint in {out_dir}, starting fresh")
-        else:
-            path, state = found
-            raw_model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            if queue is not None and "queue" in state:
-                queue.load_state_dict(state["queue"])
-            ckpt.set_rng_state(state["rng"])
-            step = int(state["step"])
-            dist.print0(f"{PROG}: resumed from {path} at step {step}")
-    last_ckpt = None
+    found = ckpts.load_resume()
+    if found is None and cfg.run.resume == "auto":
+        dist.print0(f"{PROG}: run.resume=auto: no checkpoint in {out_dir}, starting fresh")
+    elif found is not None:
+        path, state = found
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if queue is not None and "queue" in state:
+            queue.load_state_dict(state["queue"])
+        ckpt.set_rng_state(state["rng"])
+        step = int(state["step"])
+        dist.print0(f"{PROG}: resumed from {path} at step {step}")
 
     def save_checkpoint():
-        nonlocal last_ckpt
-        # Never write a checkpoint that holds inf/NaN weights (one host sync, at checkpoint time only).
-        finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()
-        if not bool(finite):
-            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
-            raise SystemExit(f"{PROG}: non-finite weights at step {step}; stopping. {where}. "
-                             f"Lower optim.lr or check the data, then --run.resume=auto.")
-        if dist.is_main():
-            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
-                     "step_in_epoch": step % steps_per_epoch, "rng": ckpt.rng_state(), "config": C.to_dict(cfg)}
-            if queue is not None:
-                state["queue"] = queue.state_dict()
-            last_ckpt = ckpt.save(ckpt.path_for(out_dir, step), state)
-            ckpt.prune(out_dir, cfg.run.keep_last)
+        tensors = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict()}
+        if queue is not None:
+            tensors["queue"] = queue.state_dict()
+
+        def state():
+            return {**tensors, "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                    "step_in_epoch": step % steps_per_epoch, "rng": ckpt.rng_state(), "config": C.to_dict(cfg)}
+        ckpts.save(step, state, tensors)
         dist.barrier()
 
     # ------------------------------------------------------------------ loop
@@ -168,8 +159,8 @@ def train(cfg: C.PretrainConfig) -> int:
                     _, z = fwd(batch.views)
                 z1, z2 = z.float().chunk(2)
                 negs = queue.negatives() if queue is not None else None
-                loss, acc = nt_xent(z1, z2, cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
-                                    extra_negatives=negs, return_accuracy=True)
+                loss, acc_all = nt_xent(z1, z2, cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
+                                        extra_negatives=negs, return_accuracy=True)
                 # TF's objective is loss_a + loss_b averaged over images = 2x our mean over the 2B
                 # anchors. The factor matters with LARS: it sets the size of weight decay relative
                 # to the gradient and the update of the non-adapted BN/bias parameters.
@@ -183,18 +174,19 @@ def train(cfg: C.PretrainConfig) -> int:
                 with torch.no_grad(), runtime.autocast(device, dtype):
                     keys = F.normalize(queue(batch.views)[1].float(), dim=1)
                 queue.enqueue(dist.gather_nograd(keys))
-            meter.add(step, loss, acc)
             step += 1
+            meter.add(step, loss, contrastive_accuracy(z1, z2), all=acc_all)
             bar.update(1)
 
             if step % cfg.run.log_every == 0 or step == total_steps:
-                w = meter.read(PROG, last_ckpt, lambda s: lr_at(s, peak_lr, warmup_steps, total_steps))
+                w = meter.read(PROG, ckpts.last, lambda s: lr_at(s - 1, peak_lr, warmup_steps, total_steps))
                 mean_loss, mean_acc, wait = w.loss, w.acc, w.data_wait
                 ips = w.steps * o.global_batch_size / w.seconds
                 first_loss = mean_loss if first_loss is None else first_loss
                 final_loss = mean_loss
                 log.write(step=step, epoch=epoch, loss=round(mean_loss, 5), contrastive_acc=round(mean_acc, 4),
-                          lr=lr, images_per_s=round(ips, 1), data_wait=round(wait, 4),
+                          contrastive_acc_all=round(w.extra["all"], 4), lr=lr, images_per_s=round(ips, 1),
+                          data_wait=round(wait, 4),
                           gpu_mem_gb=runtime.gpu_memory_gb(device))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.2f}", lr=f"{lr:.3g}",
                                 img_s=f"{ips:.0f}", wait=f"{wait:.0%}")
@@ -203,7 +195,7 @@ def train(cfg: C.PretrainConfig) -> int:
     bar.close()
     skipped = getattr(loader, "num_skipped", 0)
     summary = dict(event="done", step=step, first_loss=first_loss, final_loss=final_loss,
-                   bad_images_skipped=skipped, checkpoint=str(last_ckpt) if last_ckpt else None)
+                   bad_images_skipped=skipped, checkpoint=str(ckpts.last) if ckpts.last else None)
 
     # ------------------------------------------------------------------ k-NN report
     if cfg.run.knn_eval and val_path and cfg.data.backend != "ffcv":

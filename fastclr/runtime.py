@@ -3,15 +3,18 @@ device and precision choice, one-line user errors, the demo-data default, the JS
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from fastclr import checkpoint as ckpt
 from fastclr import dist
 
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,18 +30,53 @@ def fail(prog: str, msg: str, code: int = 2):
     raise SystemExit(code)
 
 
+# Exit codes of every fastclr command: 0 done, 1 the run failed (disk full, non-finite weights),
+# 2 bad input (options, data, checkpoints); Python's own 1 for a bug, with its traceback.
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def run_entry(prog: str, cls, presets, description: str, fn, argv=None) -> int:
-    """An entry point's main(): parse ``[PRESET] --section.key=value`` into ``cls``, run ``fn(cfg)``;
-    a UserError becomes a one-line error with exit code 2; the process group is always torn down."""
+    """An entry point's main(): parse ``[PRESET] --section.key=value`` into ``cls``, run ``fn(cfg)``.
+    What a user can cause or fix becomes one line on stderr (no traceback): bad options, data or
+    checkpoints (exit 2), a full disk or non-finite weights (exit 1). The process group is always
+    torn down."""
     from fastclr import config as C
+    from loaders.common import DataError
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = C.parse(cls, argv, presets, prog=prog, description=description)
+    # fastclr's own warnings (a skipped checkpoint, ...) read as one line, not as source locations
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda m, c, *a, **k: (f"{prog}: warning: {m}\n" if c is UserWarning
+                                                    else plain(m, c, *a, **k))
     try:
         return fn(cfg)
-    except UserError as e:
-        fail(prog, str(e))
+    except (UserError, DataError, ckpt.UnusableCheckpoint) as e:
+        fail(prog, one_line(e), EXIT_BAD_INPUT)
+    except (ckpt.CheckpointWriteError, ckpt.NonFiniteState) as e:
+        fail(prog, one_line(e), EXIT_FAILED)
+    except OSError as e:
+        if e.errno not in _FULL_DISK:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        fail(prog, f"cannot write{where}: {e.strerror}", EXIT_FAILED)
     finally:
+        warnings.formatwarning = plain
         dist.cleanup()
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message as one line. An exception raised in a DataLoader worker arrives re-raised
+    with the worker's traceback in its message: its last line is the original message."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(e).__name__
+    last = lines[-1]
+    prefix = f"{type(e).__module__}.{type(e).__name__}: "
+    for p in (prefix, f"{type(e).__name__}: "):
+        if last.startswith(p):
+            return last[len(p):]
+    return last
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,6 +187,7 @@ class LogWindow(NamedTuple):
     steps: int
     seconds: float
     data_wait: float  # share of the time blocked on the loader
+    extra: dict = {}  # mean per step of every other metric given to add()
 
 
 class StepMeter:
@@ -157,8 +196,10 @@ class StepMeter:
     the time spent blocked on the loader. ``read()`` is the one host sync, every log_every steps."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.loss_sum = torch.zeros((), device=device)
         self.acc_sum = torch.zeros((), device=device)
+        self.extra_sums: dict = {}
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self._restart()
 
@@ -172,10 +213,15 @@ class StepMeter:
         self.wait_s += time.perf_counter() - t
         return batch
 
-    def add(self, step: int, loss: torch.Tensor, acc: torch.Tensor) -> None:
+    def add(self, step: int, loss: torch.Tensor, acc: torch.Tensor, **extra: torch.Tensor) -> None:
+        """Step ``step`` (counted as in log.jsonl: the first step is 1) ended with these values."""
         loss = loss.detach()
         self.loss_sum += loss
         self.acc_sum += acc.detach()
+        for k, v in extra.items():
+            if k not in self.extra_sums:
+                self.extra_sums[k] = torch.zeros((), device=self.device)
+            self.extra_sums[k] += v.detach()
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss),
                                      torch.full_like(self.first_bad, step), self.first_bad)
         self.n += 1
@@ -191,10 +237,11 @@ class StepMeter:
             raise SystemExit(f"{prog}: non-finite loss at step {bad}{lr}; stopping. {where}. "
                              "Lower optim.lr or check the data, then --run.resume=auto.")
         dt = time.perf_counter() - self.t0
-        out = LogWindow((self.loss_sum / self.n).item(), (self.acc_sum / self.n).item(), self.n, dt,
-                        min(self.wait_s / dt, 1.0))
-        self.loss_sum.zero_()
-        self.acc_sum.zero_()
+        sums = torch.stack([self.loss_sum, self.acc_sum, *self.extra_sums.values()]) / self.n
+        loss, acc, *extra = sums.tolist()  # the one host sync of the window
+        out = LogWindow(loss, acc, self.n, dt, min(self.wait_s / dt, 1.0), dict(zip(self.extra_sums, extra)))
+        for t in (self.loss_sum, self.acc_sum, *self.extra_sums.values()):
+            t.zero_()
         self._restart()
         return out
 
@@ -218,20 +265,35 @@ class Run(NamedTuple):
     val_path: str
     is_demo: bool
     out_dir: str
+    ckpts: ckpt.RunCheckpoints
+
+
+# Besides ckpt_*.pt, the files that mark a folder as another run's (finetune/distill/linear_eval).
+RUN_FILES = ("best.pt", "last.pt")
 
 
 def start_run(cfg, min_batch: int = 1) -> Run:
     """Setup shared by every entry point, before any heavy work: process group, device, precision,
-    per-rank batch, data paths (the demo set when data.path is empty), seeds, determinism, and the
-    resolved config written to run.out_dir/config.json. Bad input raises UserError here."""
+    per-rank batch, data paths (the demo set when data.path is empty), the run folder's checkpoints
+    (a fresh run refuses a folder holding another run's, see checkpoint.RunCheckpoints), seeds,
+    determinism, and the resolved config written to run.out_dir/config.json. Bad input raises
+    UserError here, before anything in run.out_dir is touched."""
     from fastclr import config as C
     rank, world = dist.init()
     device = resolve_device(cfg.run.device)
     dtype = resolve_precision(cfg.run.precision, device)
     per_rank = per_rank_batch(cfg.optim.global_batch_size, cfg.optim.grad_accum, world, min_batch)
     train_path, val_path, is_demo = resolve_data_path(cfg.data.path, cfg.data.backend, cfg.run.val_path)
+    r = cfg.run
+    try:
+        ckpts = ckpt.RunCheckpoints(r.out_dir, r.keep_last, r.resume, r.overwrite, RUN_FILES, main=dist.is_main())
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if r.overwrite and not r.resume and dist.is_main():
+        Path(r.out_dir, "log.jsonl").unlink(missing_ok=True)  # the old run's records would mix with ours
     seed_everything(cfg.run.seed, rank)
     set_deterministic(cfg.run.deterministic)
     if dist.is_main():
         C.save_json(cfg, os.path.join(cfg.run.out_dir, "config.json"))
-    return Run(rank, world, device, dtype, per_rank, train_path, val_path, is_demo, cfg.run.out_dir)
+    dist.barrier()
+    return Run(rank, world, device, dtype, per_rank, train_path, val_path, is_demo, cfg.run.out_dir, ckpts)

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from fastclr import dist as fdist
-from fastclr.losses import MomentumQueue, nt_xent
+from fastclr.losses import MomentumQueue, contrastive_accuracy, nt_xent
 
 B, D = 4, 8  # per rank
 # name -> (dtype, temperature, chunk_size, number of extra negatives)
@@ -49,7 +49,8 @@ def main(out_dir):
         loss, acc = nt_xent(z1, z2, t, chunk_size=chunk, extra_negatives=extra, return_accuracy=True)
         loss.backward()
         result[name] = {"loss": loss.detach(), "acc": acc, "grad_z1": z1.grad, "grad_z2": z2.grad,
-                        "mean_loss": fdist.all_reduce_mean(loss)}
+                        "mean_loss": fdist.all_reduce_mean(loss),
+                        "tf_acc": contrastive_accuracy(z1.detach(), z2.detach(), chunk=chunk or 4096)}
 
     result["gathered"] = fdist.gather_nograd(torch.full((2, 3), float(rank)))
     result["mean"] = fdist.all_reduce_mean(torch.tensor(float(rank + 1)))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_losses import naive_nt_xent_per_anchor
 
 from fastclr import dist as fdist
@@ -95,13 +96,17 @@ def test_nt_xent_two_processes_match_one_process(ranks, case):
     for r, res in enumerate(ranks):
         got = res[case]
         mine = torch.cat([torch.arange(r * b, (r + 1) * b), WORLD * b + torch.arange(r * b, (r + 1) * b)])
+        sl = slice(r * b, (r + 1) * b)
         # loss on rank r: the mean over its own 2B anchors (rows), each against all 2BW columns
         torch.testing.assert_close(got["loss"].double(), per_anchor[mine].mean().detach(), **tol)
         # mean over ranks == single-process loss on the global batch
         torch.testing.assert_close(got["mean_loss"], loss.detach(), **tol)
         assert got["acc"].item() == pytest.approx(correct[mine].double().mean().item())
+        # TF's metric: rank r's view-1 rows against every rank's view-2 rows, argmax = own positive
+        ab = F.normalize(z1g.detach().double(), dim=1)[sl] @ F.normalize(z2g.detach().double(), dim=1).T
+        hit = ab.argmax(1) == torch.arange(r * b, (r + 1) * b)
+        assert got["tf_acc"].item() == pytest.approx(hit.double().mean().item())
         # gradient on rank r == W x gradient of the global mean loss w.r.t. rank r's slice
-        sl = slice(r * b, (r + 1) * b)
         torch.testing.assert_close(got["grad_z1"], WORLD * g1[sl], **tol)
         torch.testing.assert_close(got["grad_z2"], WORLD * g2[sl], **tol)
     # DDP averages over ranks: the average of the rank gradients is the global-batch gradient

@@ -184,6 +184,21 @@ def test_extra_negatives_get_no_gradient():
     assert extra.grad is None and z1.grad is not None
 
 
+@pytest.mark.parametrize("chunk", [4096, 3])
+def test_contrastive_accuracy_is_tfs_logits_ab_argmax(chunk):
+    """TF's contrast_acc: argmax over logits_ab (view-1 rows vs view-2 columns) hits the diagonal.
+    It ignores the view-1 negatives, so it reads at least as high as nt_xent's strict accuracy."""
+    from fastclr.losses import contrastive_accuracy
+    z1, z2 = _views(16, 4, seed=7)
+    z1, z2 = z1.detach(), z2.detach()
+    ab = F.normalize(z1, dim=1) @ F.normalize(z2, dim=1).T
+    want = (ab.argmax(1) == torch.arange(16)).double().mean()
+    got = contrastive_accuracy(z1, z2, chunk=chunk)
+    assert got.item() == pytest.approx(want.item())
+    _, strict = nt_xent(z1, z2, 0.1, return_accuracy=True)
+    assert 0 < strict.item() < got.item() < 1  # these views: the two definitions differ
+
+
 def test_accuracy_is_one_when_views_are_identical_and_spread():
     z = torch.eye(6, dtype=torch.float64)  # orthogonal images: positive (cos 1) beats negatives (cos 0)
     loss, acc = nt_xent(z, z.clone(), 0.1, return_accuracy=True)
