@@ -15,6 +15,12 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
+class DataError(RuntimeError):
+    """The data cannot be used: every image of a shard unreadable, a file the DALI decoder cannot read,
+    a listed file missing. Its message is one line that names the file and the fix; the entry points
+    print it without a traceback."""
+
+
 class Batch(NamedTuple):
     """One training batch. ``views``: list of [B, 3, H, W] tensors on the training device,
     channels_last, in the training dtype. ``labels``: int64 [B] or None."""

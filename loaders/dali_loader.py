@@ -54,7 +54,7 @@ from nvidia.dali.tensors import TensorGPU
 import nvidia.dali.math as dmath
 
 from . import augment
-from .common import (Batch, LoaderConfig, check_batch_fits, list_image_folder, parse_dtype, read_file_list,
+from .common import (Batch, DataError, LoaderConfig, check_batch_fits, list_image_folder, parse_dtype, read_file_list,
                      shard_indices, steps_per_epoch)
 from .spec import AugmentSpec
 
@@ -291,7 +291,11 @@ def simclr_pipeline(source, spec: AugmentSpec, gpu: bool, photometry: str, roi_d
 # ------------------------------------------------------------------------------------------------
 
 def _read(path: str) -> np.ndarray:
-    return np.fromfile(path, dtype=np.uint8)
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as e:  # a list file naming a file that is not there (any more)
+        raise DataError(f"cannot read {path} ({e.strerror or e}); DALI reads exactly the files of its list: "
+                        f"write a fresh one with python -m loaders.validate") from None
 
 
 class _ShardSource:
@@ -515,11 +519,14 @@ class DaliLoader:
             self._open = False
             self.pipe.reset()
             raise RuntimeError(f"DALI pipeline ended before {self.steps} batches (internal error)") from None
+        except DataError:  # raised by the source (an unreadable listed file): already one line
+            self.pipe, self._open = None, False
+            raise
         except RuntimeError as e:
             self.pipe, self._open = None, False  # "Current pipeline object is no longer valid"
             raise self._decode_error(e) from None
 
-    def _decode_error(self, err: Exception) -> RuntimeError:
+    def _decode_error(self, err: Exception) -> DataError:
         """A one-line error naming the undecodable file (found by re-checking the batches in flight,
         since DALI's message names neither the file nor the batch) and the fix."""
         from .validate import DaliChecker, _dali_reason, check_file
@@ -536,8 +543,8 @@ class DaliLoader:
         fix = (f"write a clean list with `python -m loaders.validate {self.root} --out clean.txt` "
                f"and set data.file_list=clean.txt")
         if bad is None:
-            return RuntimeError(f"DALI pipeline failed: {_dali_reason(err)}; if a file is bad, {fix}")
-        return RuntimeError(f"DALI cannot decode {bad[0]} ({bad[1]}); DALI cannot skip bad images: {fix}")
+            return DataError(f"DALI pipeline failed: {_dali_reason(err)}; if a file is bad, {fix}")
+        return DataError(f"DALI cannot decode {bad[0]} ({bad[1]}); DALI cannot skip bad images: {fix}")
 
     # -- memory -----------------------------------------------------------------------------------
     def _memory_snapshot(self) -> Dict[str, int]:

@@ -36,6 +36,7 @@ Deviations (FFCV 1.0.2):
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import time
 from dataclasses import replace
@@ -56,7 +57,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
 from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
-from ffcv.types import HeaderType
+from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
 
 # TF_MIN_OBJECT_COVERED: TF's crop_and_resize passes min_object_covered=0.1 (see augment.py).
 from .augment import TF_MIN_OBJECT_COVERED, finish_views
@@ -270,7 +271,16 @@ class _EpochOrder(TraversalOrder):
 
 
 def num_samples(path: str) -> int:
-    return int(np.fromfile(path, dtype=HeaderType, count=1)[0]["num_samples"])
+    """Samples in a .beton, after checking that the file is whole (ValueError naming it if not)."""
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype=HeaderType, count=1)
+    ptr = int(header[0]["alloc_table_ptr"]) if len(header) else -1
+    # The allocation table is the file's tail: a truncated copy cuts it (FFCV would then fail with
+    # "negative dimensions are not allowed").
+    if not 0 < ptr <= size or (size - ptr) % ALLOC_TABLE_TYPE.itemsize:
+        raise ValueError(f"{path} is truncated or not a .beton ({size} bytes; its header places the allocation "
+                         f"table at byte {ptr}): copy it again, or convert with python -m loaders.write_ffcv")
+    return int(header[0]["num_samples"])
 
 
 class FFCVLoader:

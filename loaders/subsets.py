@@ -21,7 +21,6 @@ list file, ``--indices`` writes the .beton sample indices of the subset (one per
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import manifest
 from .common import find_classes, scan_image_folder
 
 Entry = tuple[str, int]  # (path relative to the data root, label)
@@ -124,21 +124,12 @@ def map_names_to_folder(names: Sequence[str], root: str | os.PathLike,
     return sorted(found, key=lambda e: (e[1], e[0]))
 
 
-def manifest_file(beton: str | os.PathLike) -> Path:
-    """``name.beton`` -> ``name.manifest.json`` (loaders.write_ffcv's naming)."""
-    s = str(beton)
-    return Path((s.removesuffix(".beton")) + ".manifest.json")
-
-
 def read_manifest(beton: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(relative paths in .beton order, classes) from the manifest beside ``beton``."""
-    mf = manifest_file(beton)
-    if not mf.is_file():
-        raise SubsetError(f"no manifest {mf} beside {beton}: write it with python -m loaders.write_ffcv")
-    m = json.loads(mf.read_text())
-    if "files" not in m or "classes" not in m:
-        raise SubsetError(f"{mf} lacks 'files' or 'classes': rewrite it with python -m loaders.write_ffcv")
-    return list(m["files"]), list(m["classes"])
+    """(relative paths in .beton order, classes) from the manifest beside ``beton``, checked against it."""
+    try:
+        return manifest.files_and_classes(beton)
+    except manifest.ManifestError as e:
+        raise SubsetError(str(e)) from None
 
 
 def _manifest_labels(files: Sequence[str], classes: Sequence[str]) -> list[int]:

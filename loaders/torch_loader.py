@@ -43,8 +43,10 @@ import numpy as np
 import torch
 
 from . import augment
+from .decode import cv2, decode_rgb  # noqa: F401  (decode_rgb: also this module's public name)
 from .common import (
     Batch,
+    DataError,
     LoaderConfig,
     check_batch_fits,
     list_image_folder,
@@ -55,15 +57,6 @@ from .common import (
 )
 from .spec import AugmentSpec
 
-try:
-    import cv2
-    # OpenCV's thread pool does not survive fork(): a DataLoader worker forked after the main process
-    # ran a multi-threaded cv2 call can hang in its first cv2 call. The parallelism here is the
-    # worker count, so OpenCV runs single-threaded everywhere this module is used.
-    cv2.setNumThreads(1)
-except Exception:  # pragma: no cover - OpenCV missing: PIL decodes
-    cv2 = None
-
 log = logging.getLogger(__name__)
 
 MAX_WARNINGS_PER_EPOCH = 5   # bad files named in the log per epoch; the rest only counted
@@ -72,28 +65,6 @@ MAX_WARNINGS_PER_EPOCH = 5   # bad files named in the log per epoch; the rest on
 # ----------------------------------------------------------------------------------------------
 # Decoding (worker side)
 # ----------------------------------------------------------------------------------------------
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> HxWx3 uint8 RGB. OpenCV first (~1.6x faster than PIL on JPEG here,
-    EXIF orientation ignored like TF and PIL), PIL for whatever OpenCV refuses; PIL's error
-    (e.g. "image file is truncated") is the reason reported for a bad file."""
-    if not data:
-        raise ValueError("empty file")
-    if cv2 is not None:
-        flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
-        buf = np.frombuffer(data, np.uint8)
-        if flag is not None:
-            img = cv2.imdecode(buf, flag | cv2.IMREAD_IGNORE_ORIENTATION)
-        else:  # OpenCV < 4.10: decode BGR and swap
-            img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-            img = None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        if img is not None and img.size:
-            return img
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"))
-
 
 def _is_plain_jpeg(data: bytes) -> Tuple[bool, Optional[Tuple[int, int]]]:
     """(nvJPEG can take it, (height, width)) from the header alone: a JPEG (SOI ... EOI) in RGB or
@@ -208,7 +179,10 @@ class _BatchDataset(torch.utils.data.Dataset):
                     if attempt == 0:
                         failed.append((self.paths[idx], self._known_bad.get(idx, _reason(e))))
             if item is None:
-                raise RuntimeError(f"no readable image in the {len(shard)}-image shard of rank {self.rank}")
+                path, why = failed[-1] if failed else (self.paths[int(shard[pos % len(shard)])], "unreadable")
+                raise DataError(f"none of the {len(shard)} images of rank {self.rank}'s shard is readable "
+                                f"(e.g. {path}: {why}); check data.path, or list the bad files with "
+                                f"python -m loaders.validate")
             rng = self.rng(epoch, pos)  # the slot's stream, also for a replacement
             if self.bytes_only:
                 payload, (h, w) = item

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import io
 import os
 import re
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .common import bad_name_reason, scan_image_folder
+from .decode import decode_rgb
 
 TINY_SIDE = 8                  # a side under this many pixels: warn (random crops of it are blurry mush)
 HUGE_PIXELS = 20_000_000       # more pixels than this: warn (slow to decode, large decoder buffers)
@@ -34,19 +36,21 @@ JPEG_EXT = (".jpg", ".jpeg")
 
 
 def check_file(path: str) -> Tuple[Optional[str], Optional[str]]:
-    """(error, warning) for one file with PIL; error None means the whole image decoded."""
+    """(error, warning) for one file; error None means the whole image decoded with the loaders'
+    decoder (``loaders.decode.decode_rgb``: OpenCV, then PIL, whose error is the reason given)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
-        return f"cannot stat: {e.strerror or e}", None
-    if size == 0:
+        return f"cannot read: {e.strerror or e}", None
+    if not data:
         return "empty file (0 bytes)", None
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:  # the header: format, mode and size for the warnings
             fmt, mode, (w, h) = im.format, im.mode, im.size
-            im.load()  # the full decode: truncated data fails here, not in open()
+        decode_rgb(data)  # the full decode: truncated data fails here, not in open()
     except UnidentifiedImageError:
         return "not an image (PIL cannot identify the format)", None
     except Image.DecompressionBombError as e:
@@ -59,6 +63,8 @@ def check_file(path: str) -> Tuple[Optional[str], Optional[str]]:
         warnings.append(f"{fmt} data named {ext}")
     if mode == "CMYK":
         warnings.append("CMYK colour (converted to RGB)")
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        warnings.append(f"mode {mode}, more than 8 bits (scaled to 8-bit RGB)")
     elif mode not in ("RGB", "YCbCr"):
         warnings.append(f"mode {mode} (converted to RGB)")
     if min(w, h) < TINY_SIDE:

@@ -25,11 +25,9 @@ Labels use the one mapping of every fastclr backend: sorted class folder names
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-import warnings
 from collections import Counter
 from multiprocessing import get_context
 from pathlib import Path
@@ -37,12 +35,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import manifest
 from .common import bad_name_reason, scan_image_folder
+from .decode import read_rgb
 from .validate import check_file
 
 Sample = Tuple[str, int]
 WRITE_MODES = ("smart", "jpg", "raw", "proportion")
-MANIFEST_FORMAT = "fastclr-ffcv-manifest/1"
+MANIFEST_FORMAT = manifest.FORMAT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def _stem(out: str | os.PathLike) -> str:
 
 def manifest_path(out: str | os.PathLike) -> str:
     """``name.beton`` -> ``name.manifest.json``."""
-    return _stem(out) + ".manifest.json"
+    return str(manifest.manifest_path(out))
 
 
 def skipped_path(out: str | os.PathLike) -> str:
@@ -65,7 +65,8 @@ def skipped_path(out: str | os.PathLike) -> str:
 
 
 def read_manifest(beton: str | os.PathLike) -> dict:
-    return json.loads(Path(manifest_path(beton)).read_text())
+    """The manifest beside ``beton``, checked against it (``loaders.manifest.read``)."""
+    return manifest.read(beton)
 
 
 def _dist_version(name: str) -> str:
@@ -111,19 +112,12 @@ def _round_robin(lists: List[List[int]]):
 # Phase 1: validation
 # ----------------------------------------------------------------------------------------------
 
-def _open_rgb(path: str, max_resolution: Optional[int]):
-    """Decode ``path`` to an RGB PIL image for writing (CMYK, gray, palette, PNG... -> RGB). JPEG
-    draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale when both sides stay >= max_resolution
-    (RGBImageField then shrinks the longer side to max_resolution with INTER_AREA), so a 6000x4000
-    photo costs little to convert."""
-    from PIL import Image
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # palette-with-transparency and EXIF chatter
-        with Image.open(path) as im:
-            if max_resolution and im.format == "JPEG":
-                im.draft("RGB", (max_resolution, max_resolution))
-            im.load()
-            return im.convert("RGB") if im.mode != "RGB" else im
+def _open_rgb(path: str, max_resolution: Optional[int]) -> np.ndarray:
+    """``path`` as HxWx3 uint8 RGB for writing, decoded by the loaders' decoder (CMYK, gray, palette,
+    16-bit, PNG... -> RGB the same way everywhere). A JPEG is decoded at 1/2, 1/4 or 1/8 scale when both
+    sides stay >= max_resolution (RGBImageField then shrinks the longer side to max_resolution with
+    INTER_AREA), so a 6000x4000 photo costs little to convert."""
+    return read_rgb(path, min_side=max_resolution)
 
 
 def validate_one(args: Tuple[str, Optional[int]]) -> Tuple[Optional[Tuple[int, int]], str, str]:
@@ -202,7 +196,7 @@ class ValidatedImages:
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         try:
-            return np.asarray(_open_rgb(path, self.max_resolution)), label
+            return _open_rgb(path, self.max_resolution), label
         except Exception as e:
             with open(self.error_log, "a") as f:  # O_APPEND: one short line per write is atomic
                 f.write(f"{path}\t{type(e).__name__}: {e}\n")
@@ -294,7 +288,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: O
         import ffcv  # noqa: F401  (ffcv.__version__ is stale in 1.0.2: ask the distribution)
     except ImportError as e:
         raise RuntimeError(f"FFCV is not importable ({e}); install: pip install 'fastclr[ffcv]'") from e
-    manifest = dict(format=MANIFEST_FORMAT, fastclr_version=_dist_version("fastclr"),
+    info = dict(format=MANIFEST_FORMAT, fastclr_version=_dist_version("fastclr"),
                     ffcv_version=_dist_version("ffcv"), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     source_root=src,
                     fields={"image": "RGBImageField", "label": "IntField"}, options=opts,
@@ -316,8 +310,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: O
                                f"(changed on disk?), e.g. {late[0]}; nothing written, rerun")
         _atomic_write_text(skipped_path(out), "".join(
             f"{rel(p) if bad_name_reason(p) is None else repr(rel(p))}\t{why}\n" for p, why in skipped))
-        os.replace(tmp, out)  # the .beton appears complete or not at all
-        _atomic_write_text(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
+        # The .beton appears complete or not at all, and never beside another conversion's manifest.
+        manifest.write(out, info, tmp)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
