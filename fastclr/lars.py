@@ -32,7 +32,12 @@ exclude_from_layer_adaptation defaults to exclude_from_weight_decay). A param gr
 both: a ``weight_decay`` key in the group applies to all its parameters, predicate or not, and
 ``trust=True/False`` forces adaptation on or off.
 
-``lr`` may be a float or a 0-dim tensor (e.g. on the GPU, updated in place by a schedule).
+``lr`` may be a float or a 0-dim tensor (e.g. on the GPU, updated in place by a schedule); both give
+bit-identical steps. For a CUDA graph (``capturable=True``): the lr must be a tensor on the parameters'
+device, every parameter's momentum buffer and scratch buffer exist from the first step on, and the
+step allocates no full-size tensor, so the captured step replays on fixed memory. ``compiled=True``
+runs the step through ``torch.compile`` (inductor fuses the chain of foreach kernels into a few
+passes over memory; the same source, compiled by inductor's C++ backend, is what the CPU tests run).
 """
 from __future__ import annotations
 
@@ -59,12 +64,19 @@ class LARS(Optimizer):
         mode: str = "tf",
         nesterov: bool = False,
         exclude: Callable[[torch.Tensor], bool] = exclude_bias_and_norm,
+        capturable: bool = False,
+        compiled: bool = False,
     ):
         if mode not in ("tf", "torch"):
             raise ValueError(f"LARS mode must be 'tf' or 'torch', got {mode!r}")
         if not callable(exclude):
             raise TypeError("exclude must be a predicate on a parameter, e.g. lambda p: p.ndim == 1")
         self.exclude = exclude  # kept off param_groups: a lambda there would break state_dict pickling
+        self.capturable = capturable
+        self._step_fn = _lars_step
+        if compiled:
+            # dynamic=False: one graph per parameter-list layout, which never changes during a run
+            self._step_fn = torch.compile(_lars_step, dynamic=False)
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta, "mode": mode,
                     "nesterov": nesterov, "trust": None}
         super().__init__(params, defaults)
@@ -100,36 +112,56 @@ class LARS(Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:  # lazily, like torch.optim.SGD
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                scratch = None
+                if self.capturable:  # d below, kept across steps: no full-size allocation in the step
+                    if p not in self._scratch:
+                        self._scratch[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+                    scratch = self._scratch[p]
                 wd, adapt = self._flags(group, p)
-                buckets[(p.device, p.dtype)].append((not adapt, p, p.grad, state["momentum_buffer"], wd))
+                buckets[(p.device, p.dtype)].append((not adapt, p, p.grad, state["momentum_buffer"], wd, scratch))
             for entries in buckets.values():
                 entries.sort(key=lambda e: e[0])  # stable: adapted (False) first, order kept
-                _, params, grads, bufs, wds = map(list, zip(*entries))
+                _, params, grads, bufs, wds, scratch = map(list, zip(*entries))
                 n_adapt = sum(1 for e in entries if not e[0])
-                _lars_step(params, grads, bufs, wds, n_adapt, lr=group["lr"], momentum=group["momentum"],
-                           eta=group["eta"], mode=group["mode"], nesterov=group["nesterov"])
+                self._step_fn(params, grads, bufs, wds, n_adapt, lr=group["lr"], momentum=group["momentum"],
+                              eta=group["eta"], mode=group["mode"], nesterov=group["nesterov"],
+                              scratch=scratch if self.capturable else None)
         return loss
 
+    @property
+    def _scratch(self) -> dict:
+        # Not in self.state: the scratch buffers hold nothing between steps and stay out of checkpoints.
+        if not hasattr(self, "_scratch_bufs"):
+            self._scratch_bufs = {}
+        return self._scratch_bufs
 
-def _lars_step(params, grads, bufs, wds, n_adapt, *, lr, momentum, eta, mode, nesterov):
+
+def _lars_step(params, grads, bufs, wds, n_adapt, *, lr, momentum, eta, mode, nesterov, scratch=None):
     """One LARS step over lists of same-device, same-dtype tensors, in place on params and bufs.
 
     ``wds``: per-parameter weight decay (Python floats, 0.0 = none). The first ``n_adapt``
     parameters get trust-ratio adaptation, the rest a trust ratio of 1. All math is foreach / vector
-    ops on the device (no Python loop over parameters, no host sync).
+    ops on the device (no Python loop over parameters, no host sync). ``scratch``: tensors like params
+    to hold d (else d is allocated).
     """
-    # d = g + wd * w: a new tensor per parameter, the only full-size temporary of the step (grouped
-    # by weight-decay value, usually two groups, so each group is one foreach add with alpha=wd).
-    d = [None] * len(params)
+    # d = g + wd * w: the only full-size temporary of the step (grouped by weight-decay value,
+    # usually two groups, so each group is one foreach op with alpha=wd).
+    d = [None] * len(params) if scratch is None else scratch
     groups = defaultdict(list)
     for i, wd in enumerate(wds):
         groups[wd].append(i)
     for wd, idx in groups.items():
         g_sub = [grads[i] for i in idx]
-        out = (torch._foreach_add(g_sub, [params[i] for i in idx], alpha=wd) if wd
-               else torch._foreach_mul(g_sub, 1.0))  # a copy: d is scaled in place below, .grad is not
-        for i, t in zip(idx, out):
-            d[i] = t
+        if scratch is None:
+            out = (torch._foreach_add(g_sub, [params[i] for i in idx], alpha=wd) if wd
+                   else torch._foreach_mul(g_sub, 1.0))  # a copy: d is scaled in place below, .grad is not
+            for i, t in zip(idx, out):
+                d[i] = t
+        else:
+            d_sub = [d[i] for i in idx]
+            torch._foreach_copy_(d_sub, g_sub)
+            if wd:
+                torch._foreach_add_(d_sub, [params[i] for i in idx], alpha=wd)
 
     # Trust ratios as one [P] vector: adapted prefix from the norms, 1.0 for the rest.
     ones = params[0].new_ones(len(params) - n_adapt)
@@ -151,14 +183,18 @@ def _lars_step(params, grads, bufs, wds, n_adapt, *, lr, momentum, eta, mode, ne
     if mode == "tf":
         torch._foreach_mul_(d, (lr * trust).unbind())  # d <- scaled_lr * (g + wd * w)
         torch._foreach_add_(bufs, d)  # v = momentum * v + scaled_lr * d
-        # nesterov: update = momentum * v + scaled_lr * d
-        update = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
-        torch._foreach_sub_(params, update)  # w = w - update
+        if nesterov:  # update = momentum * v + scaled_lr * d, in d's memory
+            torch._foreach_add_(d, bufs, alpha=momentum)
+            torch._foreach_sub_(params, d)
+        else:
+            torch._foreach_sub_(params, bufs)  # w = w - v
     else:
         torch._foreach_mul_(d, trust.unbind())  # d <- (g + wd * w) * trust
         torch._foreach_add_(bufs, d)  # buf = momentum * buf + d
-        update = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
-        if isinstance(lr, torch.Tensor):
-            torch._foreach_sub_(params, torch._foreach_mul(update, lr))  # w = w - lr * update
+        if nesterov:  # update = d + momentum * buf, in d's memory
+            torch._foreach_add_(d, bufs, alpha=momentum)
+            torch._foreach_mul_(d, lr)
         else:
-            torch._foreach_add_(params, update, alpha=-lr)
+            torch._foreach_copy_(d, bufs)
+            torch._foreach_mul_(d, lr)
+        torch._foreach_sub_(params, d)  # w = w - lr * update (a float and a tensor lr: the same ops)

@@ -175,6 +175,52 @@ def test_lr_tensor_equals_float(mode):
         torch.testing.assert_close(a[k], b[k], rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("mode", ["tf", "torch"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_tensor_lr_and_capturable_steps_are_bit_identical(mode, nesterov):
+    """The CUDA-graph form of the step (lr a device tensor filled in place, scratch buffers instead
+    of a fresh temporary) is the same arithmetic as the plain one: equal to the last bit, in fp32."""
+    def run(lr_tensor, capturable):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+        lr = torch.tensor(0.0) if lr_tensor else 0.0
+        opt = LARS(model.parameters(), lr=lr, weight_decay=1e-3, eta=0.02, mode=mode, nesterov=nesterov,
+                   capturable=capturable)
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+        for step in range(4):
+            if lr_tensor:
+                opt.param_groups[0]["lr"].fill_(lr_for(step))
+            else:
+                opt.param_groups[0]["lr"] = lr_for(step)
+            opt.zero_grad(set_to_none=not capturable)
+            model(x).square().mean().backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()]
+    ref = run(False, False)
+    for variant in ((True, False), (True, True), (False, True)):
+        for a, b in zip(ref, run(*variant)):
+            assert torch.equal(a, b), variant
+
+
+def test_compiled_step_matches_eager():
+    """compiled=True: the same step through torch.compile (inductor's C++ backend here, Triton on a
+    GPU). Fused kernels may reassociate, so close rather than bit-equal."""
+    def run(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                    torch.nn.Linear(4 * 4 * 4, 5))
+        opt = LARS(model.parameters(), lr=torch.tensor(0.3), weight_decay=1e-4, compiled=compiled,
+                   capturable=compiled)
+        x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()]
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_no_grad_param_gets_no_state():
     _, opt = run_lars(CONFIGS[0])
     names = list(make_params())
