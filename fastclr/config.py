@@ -247,8 +247,9 @@ def set_value(cfg, key: str, value: Any) -> None:
     if choices and v is not None and v not in choices:
         raise ConfigError(f"--{key}: {v!r} is not one of {', '.join(map(str, choices))}")
     bounds = f.metadata.get("bounds")
-    if bounds and v is not None and out_of_bounds(v, bounds):
-        raise ConfigError(f"--{key}: must be {bounds_text(bounds)}, got {v!r}")
+    if bounds and v is not None and any(out_of_bounds(x, bounds) for x in (v if isinstance(v, tuple) else (v,))):
+        each = "each value " if isinstance(v, tuple) else ""
+        raise ConfigError(f"--{key}: {each}must be {bounds_text(bounds)}, got {_fmt(v)}")
     obj = cfg
     *path, leaf = key.split(".")
     for p in path:

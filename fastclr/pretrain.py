@@ -73,8 +73,8 @@ def train(cfg: C.PretrainConfig) -> int:
     data_cfg = dataclasses.replace(cfg.data, path=train_path, batch_size=per_rank, train=True,
                                    seed=cfg.run.seed, dtype=runtime.DTYPE_NAME[dtype])
     # Contrastive learning needs two views of every image, whatever recipe data.augment names.
-    spec = loaders.spec_from_config(data_cfg).replace(num_views=2)
     try:
+        spec = loaders.spec_from_config(data_cfg).replace(num_views=2)
         loader = loaders.build(data_cfg, rank=rank, world_size=world, device=device, spec=spec)
     except (FileNotFoundError, ValueError) as e:  # no images, bad list file, batch larger than the data
         raise UserError(str(e).splitlines()[0]) from None

@@ -42,8 +42,11 @@ def available(name: str) -> tuple[bool, str]:
 def spec_from_config(cfg: LoaderConfig) -> AugmentSpec:
     """The AugmentSpec a LoaderConfig asks for (preset + size, and for simclr its strength and blur)."""
     if cfg.augment == "simclr":
+        lo, hi = cfg.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.crop_scale}")
         return preset("simclr", size=cfg.image_size, strength=cfg.jitter_strength,
-                      blur_p=0.5 if cfg.blur else 0.0)
+                      blur_p=0.5 if cfg.blur else 0.0, scale=(lo, hi))
     return preset(cfg.augment, size=cfg.image_size)
 
 

@@ -77,6 +77,8 @@ class LoaderConfig:
     jitter_strength: float = option(1.0, "colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)",
                                     ge=0)
     blur: bool = option(True, "gaussian blur p=0.5 (TF turns it off for 32px CIFAR-like data)")
+    crop_scale: Tuple[float, float] = option((0.08, 1.0), "simclr random crop: area fraction range (TF: 0.08,1; "
+                                             "crops also cover >= 10 % of the image, as in TF)", gt=0, le=1)
     # DALI
     # Default picked by the GPU benchmark (H100, 2026-11-28): native DALI ops 6479 vs 4644 images/s loader-only,
     # 1813 vs 1469 images/s under an R50 step; "torch" keeps the exact TF colour ops (README: deviations).
