@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from loaders.files import atomic_write
+
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
@@ -60,16 +62,10 @@ def save(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
     """Write ``state`` atomically: tmp file, fsync, os.replace. On failure the tmp file is removed and
     a CheckpointWriteError names the file, the reason and the free space of its folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_write(path, "wb") as fh:  # removes its .tmp when the write fails
             torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
         try:
             free = f"{shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free there"
         except OSError:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from loaders.common import LoaderConfig, bounds_text, option, out_of_bounds
+from loaders.files import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -388,11 +389,5 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def save_json(cfg, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically (tmp + os.replace)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(to_dict(cfg), fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """Write the resolved config atomically."""
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fastclr import checkpoint as ckpt
+from loaders.files import atomic_write
 from fastclr.models import build_backbone, model_name, parse_model_name
 
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)
@@ -119,9 +120,8 @@ def _save(obj, path: str) -> None:
     out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
         raise _BadInput(f"output folder does not exist: {out_dir}")
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def build_parser() -> argparse.ArgumentParser:

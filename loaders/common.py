@@ -236,21 +236,15 @@ def read_file_list(list_path: str | os.PathLike, root: str | os.PathLike) -> Tup
     Each non-empty line is ``relative/path [label]`` (the format ``loaders.validate`` writes and DALI
     reads). Without a label the class is the path's first folder. Lines starting with # are comments.
     """
+    from .files import read_list
     classes = find_classes(root)
     index = {c: i for i, c in enumerate(classes)}
     samples, bad = [], []
-    for n, line in enumerate(Path(list_path).read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            rel, label = parts[0], int(parts[1])
-        else:
-            rel = line
+    for n, (rel, label) in enumerate(read_list(list_path), 1):
+        if label is None:
             cls = Path(rel).parts[0] if len(Path(rel).parts) > 1 else None
             if cls not in index:
-                bad.append(f"line {n}: {rel!r} has no label and no class folder of {root}")
+                bad.append(f"entry {n}: {rel!r} has no label and no class folder of {root}")
                 continue
             label = index[cls]
         samples.append((os.path.join(root, rel), label))
@@ -261,10 +255,23 @@ def read_file_list(list_path: str | os.PathLike, root: str | os.PathLike) -> Tup
     return samples, classes
 
 
+def seed_words(seed: int, *words: int) -> List[int]:
+    """The entropy of one random stream: the run's seed (``data.seed``, 32 bits) and the words that
+    name the stream (epoch, rank, batch or position, a constant per kind of stream). Every random
+    stream of every backend is a function of these only, so batches never depend on the worker
+    count, and a resumed run replays them."""
+    return [int(seed) & 0xFFFFFFFF, *map(int, words)]
+
+
+def derive_seed(seed: int, *words: int, bits: int = 63) -> int:
+    """A ``bits``-bit integer seed for the stream ``seed_words(seed, *words)``."""
+    ss = np.random.SeedSequence(seed_words(seed, *words))
+    return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(64 - bits))
+
+
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """A distinct 63-bit seed per (seed, epoch, rank)."""
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(rank)])
-    return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+    """A distinct 63-bit seed per (seed, epoch, rank): the epoch's permutation and FFCV's streams."""
+    return derive_seed(seed, epoch, rank)
 
 
 def shard_indices(n: int, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
@@ -291,5 +298,3 @@ def check_batch_fits(n: int, world_size: int, batch_size: int, where: str) -> No
                          f"lower data.batch_size")
 
 
-def view_shapes(spec_views: int, batch: int, size: int) -> Sequence[Tuple[int, int, int, int]]:
-    return [(batch, 3, size, size)] * spec_views

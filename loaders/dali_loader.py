@@ -22,8 +22,8 @@ built once; the source is re-armed per epoch (no per-epoch rebuild, which would 
 set-up on the GPU). Files are read by a small thread pool in the main process: reading encoded bytes is
 cheap next to decoding, and decoding stays in DALI's threads / on the GPU. Each batch carries its global
 sample indices and labels through the pipeline, so ``last_indices`` and the labels come from the batch
-itself, not from a guess about how far DALI prefetched. As in the FFCV backend, each iteration runs
-the epoch set by ``set_epoch`` and then advances it by one.
+itself, not from a guess about how far DALI prefetched. Epochs, positions and the tail rule are the
+contract's (loaders.base).
 
 Randomness: the order depends on (cfg.seed, epoch) only; the torch photometry generator on (cfg.seed,
 epoch, rank). DALI's own random ops (crop, flip, "dali" photometry) are seeded once per (cfg.seed,
@@ -45,7 +45,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -54,8 +54,8 @@ from nvidia.dali.tensors import TensorGPU
 import nvidia.dali.math as dmath
 
 from . import augment
-from .common import (Batch, DataError, LoaderConfig, check_batch_fits, list_image_folder, parse_dtype, read_file_list,
-                     shard_indices, steps_per_epoch)
+from .base import BaseLoader, resolve_samples
+from .common import Batch, DataError, LoaderConfig, derive_seed
 from .spec import AugmentSpec
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,7 @@ EXACT_HUE = False
 
 
 def _seed(seed: int, epoch: int, rank: int, stream: int, bits: int = 63) -> int:
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(rank), stream, 0x5A11])
-    return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(64 - bits))
+    return derive_seed(seed, epoch, rank, stream, 0x5A11, bits=bits)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,23 +341,9 @@ def _gpu_used(device: torch.device) -> int:
     return total - free
 
 
-def _resolve_samples(cfg: LoaderConfig):
-    """(samples [(path, label)], classes, root) from cfg.path / cfg.file_list; "" = the demo set."""
-    root = cfg.path
-    if not root:
-        from .demo_data import prepare
-        root = str(prepare() / ("train" if cfg.train else "val"))
-    if cfg.file_list:
-        samples, classes = read_file_list(cfg.file_list, root)
-    else:
-        samples, classes = list_image_folder(root)
-    return samples, classes, root
-
-
-class DaliLoader:
-    """``len()`` = batches per epoch on this rank (exact), ``set_epoch(e)``, iteration yields
-    ``Batch(views, labels)``; ``last_indices`` = global sample indices of the last yielded batch;
-    ``memory_report()`` = the pipeline's memory use. See the module docstring."""
+class DaliLoader(BaseLoader):
+    """The loader contract (loaders.base) as a DALI pipeline; ``memory_report()`` = the pipeline's
+    memory use. See the module docstring."""
 
     def __init__(self, cfg: LoaderConfig, spec: AugmentSpec, rank: int = 0, world_size: int = 1,
                  device="cpu"):
@@ -368,34 +353,24 @@ class DaliLoader:
         if spec.crop.interpolation not in _INTERP:
             raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, "
                              f"got {spec.crop.interpolation!r}")
-        self.cfg, self.spec, self.rank, self.world_size = cfg, spec, rank, world_size
-        self.device = torch.device(device)
+        super().__init__(cfg, spec, rank, world_size, device)
         self.gpu = self.device.type == "cuda"
         if self.gpu and not torch.cuda.is_available():
             raise RuntimeError(f"DALI backend: device {self.device} requested but CUDA is not available; "
                                f"use device='cpu' (the CPU pipeline)")
         if self.gpu and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = parse_dtype(cfg.dtype)
-        # "torch" photometry runs where the crops are sent: the training device unless data.photometry_device
-        self.photometry_device = (self.device if cfg.photometry_device == "auto"
-                                  else torch.device(cfg.photometry_device))
+            if cfg.photometry_device == "auto":
+                self.photometry_device = self.device
 
-        samples, self.classes, self.root = _resolve_samples(cfg)
+        samples, self.classes, self.root = resolve_samples(cfg)
         self.paths = [p for p, _ in samples]
         self.labels = np.asarray([label for _, label in samples], np.int64)
         self.num_samples = len(samples)
-        if cfg.train:
-            check_batch_fits(self.num_samples, world_size, cfg.batch_size, "dali loader")
-        self.steps = steps_per_epoch(self.num_samples, world_size, cfg.batch_size, drop_last=cfg.train)
-        self.epoch = 0
-        self._start = 0               # first batch of the next pass (set_epoch's start_step)
-        self.last_indices: Optional[np.ndarray] = None
-        # DALI cannot skip files (a bad one stops the run): nothing is ever skipped. The attributes
-        # exist for the loader contract, like the torch backend's.
-        self.num_skipped, self.bad_files = 0, []
+        self._check_size("dali loader")
+        # DALI cannot skip files (a bad one stops the run): nothing is ever skipped.
         self._open = False         # an epoch was started and its end not yet consumed
-        self._batches = 0          # batches yielded since build (for the memory report)
+        self._batches_seen = 0     # batches yielded since build (for the memory report)
         self._mem_logged = False
         self._source = _ShardSource(self.paths, self.labels, cfg.batch_size,
                                     threads=min(8, max(2, cfg.num_workers)), remember=cfg.dali_prefetch + 2)
@@ -436,36 +411,14 @@ class DaliLoader:
             self._build()
         self._open = False
 
-    # -- the loader contract ----------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The next pass runs epoch ``epoch`` from batch ``start_step`` (a resume position). The
-        order is exact; DALI's crop/flip stream is not replayed, so a resumed epoch gets other crops."""
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step {start_step} outside 0..{self.steps}")
-        self.epoch, self._start = int(epoch), int(start_step)
-
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """This rank's global sample indices for ``epoch``, in iteration order (the dropped remainder
-        included; the batches yielded are the first ``len() * batch_size``)."""
-        return shard_indices(self.num_samples, self.rank, self.world_size, epoch, self.cfg.seed,
-                             shuffle=self.cfg.train)
-
-    def __iter__(self):
-        epoch, start = self.epoch, self._start
-        self.epoch += 1  # as the FFCV backend: the next iteration is the next epoch unless set_epoch says
-        self._start = 0
+    # -- the batches of one pass -------------------------------------------------------------------
+    def _batches(self, epoch: int, start: int):
         self._end_epoch()
         if self.pipe is None:
             self._build()
-        B = self.cfg.batch_size
-        self._source.arm(self.epoch_indices(epoch)[start * B:], self.steps - start)
+        steps = len(self) - start
+        self._source.arm(self.epoch_indices(epoch)[start * self.cfg.batch_size:], steps)
         self._open = True
-        return self._batches_of_epoch(epoch, self.steps - start)
-
-    def _batches_of_epoch(self, epoch: int, steps: int):
         gen = None
         if self.cfg.dali_photometry == "torch":
             gen = torch.Generator(device=self.photometry_device)
@@ -476,8 +429,8 @@ class DaliLoader:
             labels = self._to_torch(outs[1])
             views = self._views(outs[2:], gen)
             self.last_indices = indices
-            self._batches += 1
-            if self._batches == 2 and not self._mem_logged:
+            self._batches_seen += 1
+            if self._batches_seen == 2 and not self._mem_logged:
                 self._mem_logged = True
                 log.info("DALI pipeline memory after 2 batches: %s", self._memory_line())
             yield Batch(views=views, labels=labels)
@@ -518,7 +471,7 @@ class DaliLoader:
         except StopIteration:
             self._open = False
             self.pipe.reset()
-            raise RuntimeError(f"DALI pipeline ended before {self.steps} batches (internal error)") from None
+            raise RuntimeError(f"DALI pipeline ended before {len(self)} batches (internal error)") from None
         except DataError:  # raised by the source (an unreadable listed file): already one line
             self.pipe, self._open = None, False
             raise
@@ -529,7 +482,7 @@ class DaliLoader:
     def _decode_error(self, err: Exception) -> DataError:
         """A one-line error naming the undecodable file (found by re-checking the batches in flight,
         since DALI's message names neither the file nor the batch) and the fix."""
-        from .validate import DaliChecker, _dali_reason, check_file
+        from .validate import DaliChecker, check_file, dali_reason
 
         log.debug("DALI pipeline error: %s", err)
         candidates = [self.paths[j] for idx in self._source.recent for j in idx]
@@ -543,7 +496,7 @@ class DaliLoader:
         fix = (f"write a clean list with `python -m loaders.validate {self.root} --out clean.txt` "
                f"and set data.file_list=clean.txt")
         if bad is None:
-            return DataError(f"DALI pipeline failed: {_dali_reason(err)}; if a file is bad, {fix}")
+            return DataError(f"DALI pipeline failed: {dali_reason(err)}; if a file is bad, {fix}")
         return DataError(f"DALI cannot decode {bad[0]} ({bad[1]}); DALI cannot skip bad images: {fix}")
 
     # -- memory -----------------------------------------------------------------------------------
@@ -561,7 +514,7 @@ class DaliLoader:
         batches, before training allocates more. ``dali_executor_statistics`` holds DALI's per-operator
         numbers when the pipeline runs the legacy executor with memory stats (empty otherwise)."""
         now = self._memory_snapshot()
-        rep: Dict[str, object] = {"device": str(self.device), "batches_seen": self._batches,
+        rep: Dict[str, object] = {"device": str(self.device), "batches_seen": self._batches_seen,
                                   "host_rss_bytes": now["host_rss"] - self._mem0["host_rss"],
                                   "gpu_bytes": None}
         if self.gpu:
@@ -588,7 +541,7 @@ class DaliLoader:
 
     def __repr__(self) -> str:
         return (f"DaliLoader({self.num_samples} images, {len(self.classes)} classes, rank {self.rank}/"
-                f"{self.world_size}, {self.steps} batches of {self.cfg.batch_size}, {self.device}, "
+                f"{self.world_size}, {len(self)} batches of {self.cfg.batch_size}, {self.device}, "
                 f"photometry={self.cfg.dali_photometry}, roi_decode={self.cfg.dali_roi_decode})")
 
 

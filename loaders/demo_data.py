@@ -44,6 +44,12 @@ class DemoDataError(RuntimeError):
     """One-line, actionable error about the demo data set."""
 
 
+def resolve(path: str, split: str) -> str:
+    """``path``, or the demo set's ``split`` folder ("train" or "val") when path is empty: the one
+    place where an empty data path means the embedded demo set (prepared on first use)."""
+    return path if path else str(prepare() / split)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FASTCLR_CACHE") or Path.home() / ".cache" / "fastclr")
 

@@ -61,15 +61,8 @@ from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
 
 # TF_MIN_OBJECT_COVERED: TF's crop_and_resize passes min_object_covered=0.1 (see augment.py).
 from .augment import TF_MIN_OBJECT_COVERED, finish_views
-from .common import (
-    Batch,
-    LoaderConfig,
-    check_batch_fits,
-    epoch_seed,
-    parse_dtype,
-    shard_indices,
-    steps_per_epoch,
-)
+from .base import BaseLoader
+from .common import Batch, LoaderConfig, epoch_seed
 from .spec import AugmentSpec
 
 log = logging.getLogger(__name__)
@@ -283,14 +276,14 @@ def num_samples(path: str) -> int:
     return int(header[0]["num_samples"])
 
 
-class FFCVLoader:
-    """The loader contract (DESIGN.md) over an FFCV .beton with fields ``image`` and ``label``.
+class FFCVLoader(BaseLoader):
+    """The loader contract (loaders.base) over an FFCV .beton with fields ``image`` and ``label``.
 
     The samples are the whole .beton, or those of ``cfg.file_list`` (a ``loaders.subsets`` list
     of the converted folder, or official 1 %/10 % file names, matched through the manifest):
-    ``indices[p]`` is the .beton index of sample p. ``len()`` is the exact number of batches per
-    epoch on this rank; ``last_indices`` the samples p of the last yielded batch;
-    ``jit_seconds`` the first batch's latency (the numba JIT: once per loader, not per epoch)."""
+    ``indices[p]`` is the .beton index of sample p. ``last_indices`` are the samples p of the last
+    yielded batch; ``jit_seconds`` the first batch's latency (the numba JIT: once per loader, not per
+    epoch)."""
 
     def __init__(self, cfg: LoaderConfig, spec: AugmentSpec, rank: int = 0, world_size: int = 1,
                  device="cpu"):
@@ -299,12 +292,7 @@ class FFCVLoader:
                              f"got {cfg.path!r}")
         if cfg.ffcv_order not in ("random", "quasi_random"):
             raise ValueError(f"data.ffcv_order must be random or quasi_random, got {cfg.ffcv_order!r}")
-        self.cfg, self.spec, self.rank, self.world_size = cfg, spec, rank, world_size
-        self.device = torch.device(device)
-        self.dtype = parse_dtype(cfg.dtype)
-        self.photometry_device = (self.device if cfg.photometry_device == "auto"
-                                  else torch.device(cfg.photometry_device))
-        self.batch_size, self.drop_last = cfg.batch_size, cfg.train
+        super().__init__(cfg, spec, rank, world_size, device)
         total = num_samples(cfg.path)
         if cfg.file_list:
             from .subsets import beton_indices
@@ -313,14 +301,10 @@ class FFCVLoader:
             self.indices = np.arange(total, dtype=np.int64)
         self._position = np.full(total, -1, np.int64)  # .beton index -> sample p
         self._position[self.indices] = np.arange(len(self.indices))
-        self.n = len(self.indices)
-        if cfg.train:
-            check_batch_fits(self.n, world_size, cfg.batch_size, "ffcv loader")
-        self.epoch = 0                # the epoch the next iteration runs
-        self._start = 0               # first batch of the next pass (set_epoch's start_step)
+        self.num_samples = len(self.indices)
+        self._check_size("ffcv loader")
         self._running_epoch = 0       # the epoch whose order FFCV asks for
         self._quasi: Optional[TraversalOrder] = None
-        self.last_indices: Optional[np.ndarray] = None
         self.jit_seconds: Optional[float] = None
         self._seed_cell = np.zeros(1, np.uint64)
 
@@ -334,7 +318,7 @@ class FFCVLoader:
         self._ffcv = Loader(
             cfg.path, batch_size=cfg.batch_size, num_workers=workers, os_cache=cfg.os_cache,
             order=OrderOption.QUASI_RANDOM if quasi else OrderOption.SEQUENTIAL,
-            seed=cfg.seed, indices=self.indices[self.epoch_indices(0)], drop_last=self.drop_last,
+            seed=cfg.seed, indices=self.indices[self.epoch_indices(0)], drop_last=cfg.train,
             batches_ahead=cfg.batches_ahead,
             pipelines={"image": [decoder, ToTensor(), *to_device],
                        "label": [IntDecoder(), ToTensor(), *to_device]})
@@ -347,35 +331,23 @@ class FFCVLoader:
         self._ffcv.traversal_order = _EpochOrder(self)
         self.build_seconds = time.perf_counter() - t0
 
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """The samples p (not .beton indices: see ``indices``) this rank visits in ``epoch``, in order."""
+    def shard(self, epoch: int) -> np.ndarray:
+        """The samples p (not .beton indices: see ``indices``) of this rank's shard of ``epoch``."""
         if self._quasi is not None:
             return self._position[np.asarray(self._quasi.sample_order(epoch))]
-        return shard_indices(self.n, self.rank, self.world_size, epoch, self.cfg.seed, shuffle=self.cfg.train)
+        return super().shard(epoch)
 
-    def __len__(self) -> int:
-        return steps_per_epoch(self.n, self.world_size, self.batch_size, self.drop_last)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The next pass runs epoch ``epoch`` from batch ``start_step`` (a resume position). The
-        skipped batches are decoded and dropped, so the crops and colours that follow are exactly
-        those of the uninterrupted epoch."""
-        if not 0 <= start_step <= len(self):
-            raise ValueError(f"start_step {start_step} outside 0..{len(self)}")
-        self.epoch, self._start = int(epoch), int(start_step)
-
-    def __iter__(self) -> Iterator[Batch]:
-        epoch, start = self.epoch, self._start
-        self.epoch += 1  # like FFCV: the next iteration is the next epoch unless set_epoch says otherwise
-        self._start = 0
+    def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        """The skipped batches before ``start`` are decoded and dropped, so the crops and colours that
+        follow are exactly those of the uninterrupted epoch."""
         self._seed_cell[0] = np.uint64(epoch_seed(self.cfg.seed, epoch))  # crops: per sample, rank-free
         gen = torch.Generator(device=self.photometry_device)
         gen.manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank))
         self._running_epoch = epoch
         it = iter(self._ffcv)           # asks _EpochOrder for this epoch's order, starts decoding
         order = self._position[np.asarray(it.order)]  # what FFCV will decode, as samples p
-        B, t0 = self.batch_size, time.perf_counter()
-        for i, (crops, labels) in enumerate(_batches(it)):
+        B, t0 = self.cfg.batch_size, time.perf_counter()
+        for i, (crops, labels) in enumerate(_ffcv_batches(it)):
             if self.jit_seconds is None:
                 self.jit_seconds = time.perf_counter() - t0
                 log.info("ffcv loader: first batch after %.1f s (numba JIT)", self.jit_seconds)
@@ -390,7 +362,7 @@ class FFCVLoader:
             yield Batch(views, labels.reshape(-1).to(self.device, torch.int64, copy=True))
 
 
-def _batches(it):
+def _ffcv_batches(it):
     """FFCV's ``EpochIterator.__next__``, except that it raises instead of waiting forever when
     FFCV's pipeline thread dies (an error in compiled code, or in compiling it, is only printed by
     that thread), and that it stops the thread when the consumer leaves the loop early."""

@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from .files import atomic_write_text
+
 FORMAT = "fastclr-ffcv-manifest/1"
 _EDGE = 1 << 20  # bytes hashed at each end of the .beton
 
@@ -75,9 +77,6 @@ def write(beton: str | os.PathLike, manifest: dict, tmp_beton: str | os.PathLike
     place: the manifest first, the .beton last. A kill between the two renames leaves a manifest that
     does not match the old .beton, which ``read`` detects."""
     mf = manifest_path(beton)
-    manifest = {**manifest, "beton_id": beton_id(tmp_beton)}
-    tmp = mf.with_name(mf.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, mf)
+    atomic_write_text(mf, json.dumps({**manifest, "beton_id": beton_id(tmp_beton)}, indent=1) + "\n")
     os.replace(tmp_beton, beton)
     return mf

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import manifest
+from . import files, manifest
 from .common import find_classes, scan_image_folder
+from .files import read_list
 
 Entry = tuple[str, int]  # (path relative to the data root, label)
 
@@ -48,15 +49,7 @@ def read_names(list_file: str | os.PathLike) -> list[str]:
     path = Path(list_file)
     if not path.is_file():
         raise SubsetError(f"subset list {list_file} not found")
-    names = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            line = parts[0]
-        names.append(os.path.basename(line))
+    names = [os.path.basename(rel) for rel, _ in read_list(path)]
     if not names:
         raise SubsetError(f"subset list {list_file} is empty")
     return names
@@ -164,12 +157,7 @@ def beton_indices(beton: str | os.PathLike, file_list: str | os.PathLike) -> np.
     files, _ = read_manifest(beton)
     index = {f: i for i, f in enumerate(files)}
     rels, bare = [], []
-    for line in Path(file_list).read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.rsplit(maxsplit=1)
-        rel = parts[0] if len(parts) == 2 and parts[1].lstrip("-").isdigit() else line
+    for rel, _ in read_list(file_list):
         (rels if os.sep in rel or "/" in rel else bare).append(rel)
     missing = [r for r in rels if r not in index]
     if missing:
@@ -237,25 +225,16 @@ def make_subset(root: str | os.PathLike, list_file: str | None = None, fraction:
 
 
 def write_list(entries: Sequence[Entry], out: str | os.PathLike) -> str:
-    """Write ``relpath label`` lines atomically (tmp + os.replace); returns the path."""
-    out = str(out)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as fh:
-        for rel, label in entries:
-            if rel != rel.strip() or "\n" in rel:
-                raise SubsetError(f"path {rel!r} cannot be written to a list file")
-            fh.write(f"{rel} {label}\n")
-    os.replace(tmp, out)
-    return out
+    """Write ``relpath label`` lines atomically (``loaders.files``); returns the path."""
+    try:
+        return files.write_list(entries, out)
+    except ValueError as e:
+        raise SubsetError(str(e)) from None
 
 
 def write_indices(indices: np.ndarray, out: str | os.PathLike) -> str:
-    out = str(out)
-    tmp = out + ".tmp"
-    Path(tmp).write_text("".join(f"{int(i)}\n" for i in indices))
-    os.replace(tmp, out)
-    return out
+    files.atomic_write_text(out, "".join(f"{int(i)}\n" for i in indices))
+    return str(out)
 
 
 def main(argv: list[str] | None = None) -> int:

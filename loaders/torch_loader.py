@@ -34,7 +34,6 @@ replacement): what per-sample caches keyed by image (distill's teacher logits) m
 from __future__ import annotations
 
 import io
-import logging
 import os
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -43,23 +42,11 @@ import numpy as np
 import torch
 
 from . import augment
+from .base import BaseLoader, resolve_samples
 from .decode import cv2, decode_rgb  # noqa: F401  (decode_rgb: also this module's public name)
-from .common import (
-    Batch,
-    DataError,
-    LoaderConfig,
-    check_batch_fits,
-    list_image_folder,
-    parse_dtype,
-    read_file_list,
-    shard_indices,
-    steps_per_epoch,
-)
+from .common import Batch, DataError, LoaderConfig, derive_seed, seed_words, shard_indices
 from .spec import AugmentSpec
 
-log = logging.getLogger(__name__)
-
-MAX_WARNINGS_PER_EPOCH = 5   # bad files named in the log per epoch; the rest only counted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,8 +74,7 @@ def photometry_generator(seed: int, epoch: int, rank: int, batch: int, device) -
     so results do not depend on the worker count or on where the ops run (the CPU and CUDA
     generators produce different streams, though)."""
     g = torch.Generator(device=device)
-    g.manual_seed(int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(rank), int(batch), 0x5EED])
-                      .generate_state(1, np.uint64)[0] >> np.uint64(1)))
+    g.manual_seed(derive_seed(seed, epoch, rank, batch, 0x5EED))
     return g
 
 
@@ -134,7 +120,7 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self._shard
 
     def rng(self, epoch: int, pos: int) -> np.random.Generator:
-        return np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch), int(self.rank), int(pos)])
+        return np.random.default_rng(seed_words(self.seed, epoch, self.rank, pos))
 
     def _load(self, idx: int):
         """Decoded RGB image (CPU path) or (bytes or decoded image, (h, w)) (bytes path); raises."""
@@ -233,18 +219,8 @@ def _worker_init(_):
 # The loader (main process)
 # ----------------------------------------------------------------------------------------------
 
-def _resolve_samples(cfg: LoaderConfig):
-    root = cfg.path
-    if not root:  # "" = the embedded demo set
-        from .demo_data import prepare
-        root = str(prepare() / ("train" if cfg.train else "val"))
-    if cfg.file_list:
-        return read_file_list(cfg.file_list, root)
-    return list_image_folder(root)
-
-
-class TorchLoader:
-    """See the module docstring. ``len()`` = batches per epoch on this rank (exact)."""
+class TorchLoader(BaseLoader):
+    """See the module docstring and loaders.base (the contract)."""
 
     def __init__(self, cfg: LoaderConfig, spec: AugmentSpec, rank: int = 0, world_size: int = 1, device="cpu",
                  main_decode_device: Optional[str] = None):
@@ -253,62 +229,29 @@ class TorchLoader:
         "cpu" to run the same bytes path without a GPU."""
         if cfg.decode_device not in ("cpu", "cuda"):
             raise ValueError(f"data.decode_device must be cpu or cuda, got {cfg.decode_device!r}")
-        if cfg.photometry_device not in ("auto", "cpu"):
-            raise ValueError(f"data.photometry_device must be auto or cpu, got {cfg.photometry_device!r}")
-        self.cfg, self.spec, self.rank, self.world_size = cfg, spec, rank, world_size
-        self.device = torch.device(device)
-        self.dtype = parse_dtype(cfg.dtype)
+        super().__init__(cfg, spec, rank, world_size, device)
         if main_decode_device is None and cfg.decode_device == "cuda":
             main_decode_device = "cuda"
         if main_decode_device is not None and torch.device(main_decode_device).type == "cuda" \
                 and not torch.cuda.is_available():
             raise RuntimeError("data.decode_device=cuda needs a CUDA GPU; use data.decode_device=cpu")
         self.main_decode_device = None if main_decode_device is None else torch.device(main_decode_device)
-        self.samples, self.classes = _resolve_samples(cfg)
-        n = len(self.samples)
-        check_batch_fits(n, world_size, cfg.batch_size, "torch loader")
-        self._steps = steps_per_epoch(n, world_size, cfg.batch_size, drop_last=cfg.train)
-        # Colour ops run on the training device unless photometry_device=cpu (or the bytes path,
-        # whose pixels are already on the decode device).
+        self.samples, self.classes, _ = resolve_samples(cfg)
+        self.num_samples = len(self.samples)
+        self._check_size("torch loader")
+        # The bytes path's pixels are already on the decode device: its colour ops run there.
         if self.main_decode_device is not None:
             self.photometry_device = self.main_decode_device
-        else:
-            self.photometry_device = self.device if cfg.photometry_device == "auto" else torch.device("cpu")
         # CPU colour ops run in the workers (one thread each, next to the decode) when there are
         # workers: on a small or busy CPU, multi-threaded ops in the main process stall on their
-        # OpenMP barriers (measured 3-10x slower on 2 shared cores); workers scale with their count.
+        # OpenMP barriers (3-10x slower on 2 shared cores); workers scale with their count.
         self.photometry_in_workers = (self.photometry_device.type == "cpu" and self.main_decode_device is None
                                       and cfg.num_workers > 0)
         self.dataset = _BatchDataset(self.samples, spec, cfg.seed, rank, world_size, cfg.batch_size,
                                      shuffle=cfg.train, bytes_only=self.main_decode_device is not None,
                                      photometry_dtype=self.dtype if self.photometry_in_workers else None)
-        self._sampler = _EpochBatches(self._steps)
-        self.bad_files: List[Tuple[str, str]] = []
-        self.num_skipped = 0
-        self.last_indices: Optional[np.ndarray] = None
-        self.last_used_indices: Optional[np.ndarray] = None
+        self._sampler = _EpochBatches(len(self))
         self._dl = None
-
-    def __len__(self) -> int:
-        return self._steps
-
-    @property
-    def epoch(self) -> int:
-        return self._sampler.epoch
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The next pass runs epoch ``epoch`` from batch ``start_step`` (a resume position): batch b
-        is the same whatever the start, since its crops and colours depend on (seed, epoch, rank, b)."""
-        if not 0 <= start_step <= self._steps:
-            raise ValueError(f"start_step {start_step} outside 0..{self._steps}")
-        self._sampler.epoch, self._sampler.start = int(epoch), int(start_step)
-
-    def epoch_indices(self, epoch: Optional[int] = None) -> np.ndarray:
-        """The dataset indices epoch ``epoch`` visits on this rank, in order (before bad-file
-        replacement; the dropped tail excluded)."""
-        e = self.epoch if epoch is None else int(epoch)
-        shard = shard_indices(len(self.samples), self.rank, self.world_size, e, self.cfg.seed, self.cfg.train)
-        return shard[: self._steps * self.cfg.batch_size]
 
     def _dataloader(self):
         if self._dl is None:
@@ -321,16 +264,6 @@ class TorchLoader:
         return self._dl
 
     # -- iteration ---------------------------------------------------------------------------
-
-    def _record_failures(self, failed) -> None:
-        for path, reason in failed:
-            self.bad_files.append((path, reason))
-            self.num_skipped += 1
-            if self.num_skipped <= MAX_WARNINGS_PER_EPOCH:
-                log.warning("skipping unreadable image %s (%s); replaced by the next readable sample",
-                            path, reason)
-            elif self.num_skipped == MAX_WARNINGS_PER_EPOCH + 1:
-                log.warning("more unreadable images this epoch: counting them silently (loader.bad_files)")
 
     def _prefetched(self, it):
         """Yield worker items with their tensors already on the device. On CUDA the copy of the
@@ -361,15 +294,13 @@ class TorchLoader:
         if prev is not None:
             yield prev
 
-    def __iter__(self):
-        self.bad_files, self.num_skipped = [], 0
-        epoch, first = self.epoch, self._sampler.start
-        batches = iter(self._dataloader())  # reads (epoch, start) from the sampler, maybe twice
-        # Like the DALI and FFCV backends: the next pass is the next epoch from its first batch,
-        # unless set_epoch says otherwise.
-        self._sampler.epoch, self._sampler.start = epoch + 1, 0
-        for b, item in enumerate(self._prefetched(batches), start=first):
-            self._record_failures(item["failed"])
+    def _batches(self, epoch: int, start: int):
+        # The sampler is set here, from the arguments, before the DataLoader's iterator reads it
+        # (once or twice): batch b of an epoch is the same whatever the start, since its crops and
+        # colours depend on (seed, epoch, rank, b) only.
+        self._sampler.epoch, self._sampler.start = epoch, start
+        for b, item in enumerate(self._prefetched(iter(self._dataloader())), start=start):
+            self.record_failures(item["failed"])
             self.last_indices = item["index"].numpy()
             used = item["used"]
             labels = item["labels"]
@@ -387,9 +318,7 @@ class TorchLoader:
             self.last_used_indices = used.numpy()
             views = [v.to(self.device, non_blocking=True) for v in views]
             yield Batch(views, labels.to(self.device, non_blocking=True))
-        if self.num_skipped:
-            log.warning("epoch %d (rank %d): skipped %d unreadable image(s) of %d; see loader.bad_files",
-                        epoch, self.rank, self.num_skipped, self._steps * self.cfg.batch_size)
+        self.report_skipped(epoch)
 
     # -- GPU decode path -----------------------------------------------------------------------
 
@@ -425,7 +354,7 @@ class TorchLoader:
                 try:
                     decoded[i] = torch.from_numpy(decode_rgb(data[i].numpy().tobytes())).to(dev).permute(2, 0, 1)
                 except Exception as e:
-                    self._record_failures([(self.samples[int(item["used"][i])][0], _reason(e))])
+                    self.record_failures([(self.samples[int(item["used"][i])][0], _reason(e))])
         good = [i for i, d in enumerate(decoded) if d is not None]
         if not good:
             raise RuntimeError("no decodable image in the batch")

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .common import bad_name_reason, scan_image_folder
 from .decode import decode_rgb
+from .files import atomic_write, write_list
 
 TINY_SIDE = 8                  # a side under this many pixels: warn (random crops of it are blurry mush)
 HUGE_PIXELS = 20_000_000       # more pixels than this: warn (slow to decode, large decoder buffers)
@@ -74,7 +75,7 @@ def check_file(path: str) -> Tuple[Optional[str], Optional[str]]:
     return None, "; ".join(warnings) or None
 
 
-def _dali_reason(err: Exception) -> str:
+def dali_reason(err: Exception) -> str:
     """One line from a DALI pipeline error (its text is a multi-line traceback): the operator and
     the first line of what it encountered."""
     text = str(err)
@@ -120,7 +121,7 @@ class DaliChecker:
             return None
         except Exception as e:  # DALI raises RuntimeError; the pipeline is unusable afterwards
             self.pipe = None
-            return _dali_reason(e)
+            return dali_reason(e)
 
     def failures(self, paths: Sequence[str]) -> Dict[str, str]:
         """path -> reason for every file of ``paths`` DALI cannot decode."""
@@ -198,12 +199,9 @@ def validate(root: str, workers: int = 1, use_dali: Optional[bool] = None, progr
 def write_outputs(root: str, out: str, report: str, good, bad, warn) -> None:
     rel = lambda p: Path(os.path.relpath(p, root)).as_posix()  # noqa: E731
     shown = lambda p: rel(p) if bad_name_reason(p) is None else repr(rel(p))  # noqa: E731  one line each
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{out}.tmp"
-    with open(tmp, "w") as f:  # no comment lines: DALI's own file_list reader would take them as files
-        f.writelines(f"{rel(p)} {label}\n" for p, label in good)
-    os.replace(tmp, out)
-    with open(report, "w") as f:
+    # no comment lines in the list: DALI's own file_list reader would take them as files
+    write_list([(rel(p), label) for p, label in good], out)
+    with atomic_write(report) as f:
         f.write(f"# loaders.validate report for {os.path.abspath(root)}\n")
         f.write(f"# bad: {len(bad)} file(s), excluded from {out}\n")
         f.writelines(f"{shown(p)}\t{reason}\n" for p, reason in sorted(bad.items()))

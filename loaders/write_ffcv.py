@@ -38,6 +38,7 @@ import numpy as np
 from . import manifest
 from .common import bad_name_reason, scan_image_folder
 from .decode import read_rgb
+from .files import atomic_write_text
 from .validate import check_file
 
 Sample = Tuple[str, int]
@@ -236,12 +237,6 @@ def _write_beton(tmp: str, good: List[Sample], shapes, opts: dict, error_log: st
         raise
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    Path(tmp).write_text(text)
-    os.replace(tmp, path)
-
-
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: Optional[int] = 256,
             jpeg_quality: int = 90, write_mode: str = "smart", smart_threshold: int = 120_000,
             compress_probability: float = 0.5, workers: Optional[int] = None, chunk_size: int = 100,
@@ -308,7 +303,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: O
             late = Path(error_log).read_text().splitlines()
             raise RuntimeError(f"{len(late)} image(s) passed validation but failed while writing "
                                f"(changed on disk?), e.g. {late[0]}; nothing written, rerun")
-        _atomic_write_text(skipped_path(out), "".join(
+        atomic_write_text(skipped_path(out), "".join(
             f"{rel(p) if bad_name_reason(p) is None else repr(rel(p))}\t{why}\n" for p, why in skipped))
         # The .beton appears complete or not at all, and never beside another conversion's manifest.
         manifest.write(out, info, tmp)

@@ -116,6 +116,23 @@ def test_sharding_and_epochs(backend):
     assert np.array_equal(np.concatenate(again), seen[0]), "an epoch's order must be reproducible"
 
 
+def test_epoch_advance_and_tail_rule(backend):
+    """A pass started without set_epoch runs the next epoch from batch 0 (after a resumed pass too);
+    an epoch visits epoch_indices(e): its shard without the last partial batch, in order."""
+    name, data = backend
+    B = 4
+    loader = make(name, data, batch_size=B)
+    n_shard = total(data)  # world size 1: the shard is the data set
+    for e in (0, 1):
+        idx = loader.epoch_indices(e)
+        assert len(idx) == len(loader) * B == (n_shard // B) * B, "the tail rule: drop the last partial batch"
+    loader.set_epoch(3, start_step=1)
+    first = [np.asarray(loader.last_indices).copy() for _ in loader]
+    np.testing.assert_array_equal(np.concatenate(first), loader.epoch_indices(3)[B:])
+    second = [np.asarray(loader.last_indices).copy() for _ in loader]  # no set_epoch: epoch 4, from 0
+    np.testing.assert_array_equal(np.concatenate(second), loader.epoch_indices(4))
+
+
 def test_bad_files_skipped_and_counted(backend):
     name, data = backend
     n = total(data)
