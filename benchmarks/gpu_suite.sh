@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh --assemble-only CARRY_DIR               (reassemble + verify, then stop)
 #
 # The machine is expected to have Python 3.12 with PyTorch, torchvision, numpy, numba and opencv.
-# Everything else comes from CARRY_DIR, as written by benchmarks/gpu_carry.sh on a machine with
+# Everything else comes from CARRY_DIR, as written by benchmarks/gpu/carry.sh on a machine with
 # network: wheels (big ones split into NAME.part-aa, NAME.part-ab, ... and spread over several
 # CARRY_DIR/carry*/ folders, because one device call carries at most 64 MiB), SHA256SUMS of the
 # whole files, the FFCV sdist and the native kit FFCV builds against (libturbojpeg + OpenCV core /
@@ -33,8 +33,8 @@ set -euo pipefail
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 REPO="$(cd "$(dirname "$SELF")/.." && pwd)"
-# shellcheck source=benchmarks/_lib.sh
-source "$(dirname "$SELF")/_lib.sh"
+# shellcheck source=benchmarks/gpu/_lib.sh
+source "$(dirname "$SELF")/gpu/_lib.sh"
 SWEEP="hw_decoder_load=0.0,0.65,0.9"
 DALI_PKG="nvidia_dali_cuda130"
 

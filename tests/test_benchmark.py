@@ -1,5 +1,5 @@
 """benchmarks/: throughput.py --quick end to end (JSON schema, every stage present or skipped with a
-reason, ratios well-formed), gpu_suite.sh --dry-run and its carry reassembly, gpu_carry.sh --dry-run,
+reason, ratios well-formed), gpu_suite.sh --dry-run and its carry reassembly, gpu/carry.sh --dry-run,
 and shellcheck on both scripts when it is installed. No timing is asserted (DESIGN: speed claims live
 in the benchmark's JSON, never in tests)."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
-CARRY = ROOT / "benchmarks" / "gpu_carry.sh"
+CARRY = ROOT / "benchmarks" / "gpu" / "carry.sh"
 STAGES = ("read", "decode", "geometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
 RATIOS = ("augment_vs_torchvision", "augment_vs_lightly", "lars_fused_vs_loop", "ntxent_vs_lightly",
           "loss_chunked_memory_flat", "e2e_vs_synthetic_step", "loader_two_view_images_per_s")
@@ -158,7 +158,7 @@ def test_bad_arguments_fail_fast():
 
 
 # ------------------------------------------------------------------------------------------------
-# gpu_suite.sh / gpu_carry.sh
+# gpu_suite.sh / gpu/carry.sh
 # ------------------------------------------------------------------------------------------------
 
 def _fake_carry(root: Path, corrupt: bool = False) -> bytes:
@@ -235,7 +235,8 @@ def test_gpu_carry_dry_run(tmp_path):
     assert not (tmp_path / "carry").exists()
 
 
-@pytest.mark.parametrize("script", [SUITE, CARRY, ROOT / "benchmarks" / "_lib.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [SUITE, CARRY, ROOT / "benchmarks" / "gpu" / "_lib.sh"],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed")

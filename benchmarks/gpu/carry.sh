@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare what benchmarks/gpu_suite.sh installs on a GPU machine that has no network.
 #
-#   bash benchmarks/gpu_carry.sh [--dry-run] [--offline] [--only GROUPS] OUT_DIR     (make gpu-carry: OUT_DIR=gpu_carry)
+#   bash benchmarks/gpu/carry.sh [--dry-run] [--offline] [--only GROUPS] OUT_DIR     (make gpu-carry: OUT_DIR=gpu_carry)
 #
 # Runs on a CPU machine with network to PyPI (and, for the FFCV kit, libturbojpeg0-dev + libopencv-dev
 # installed, as `make install` does). Writes OUT_DIR/carry01, carry02, ...: each folder at most
@@ -25,8 +25,8 @@
 set -euo pipefail
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
-REPO="$(cd "$(dirname "$SELF")/.." && pwd)"
-# shellcheck source=benchmarks/_lib.sh
+REPO="$(cd "$(dirname "$SELF")/../.." && pwd)"
+# shellcheck source=benchmarks/gpu/_lib.sh
 source "$(dirname "$SELF")/_lib.sh"
 PYVER=3.12
 # pip matches each --platform tag exactly: name every manylinux level up to DALI's 2_28 (nvidia-nvjpeg
