@@ -235,7 +235,8 @@ def test_gpu_carry_dry_run(tmp_path):
     assert not (tmp_path / "carry").exists()
 
 
-@pytest.mark.parametrize("script", [SUITE, CARRY, ROOT / "benchmarks" / "gpu" / "_lib.sh"],
+@pytest.mark.parametrize("script", [SUITE, CARRY, ROOT / "benchmarks" / "gpu" / "install.sh",
+                                    ROOT / "benchmarks" / "gpu" / "_lib.sh"],
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:
