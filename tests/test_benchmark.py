@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 CARRY = ROOT / "benchmarks" / "gpu" / "carry.sh"
+INSTALL = ROOT / "benchmarks" / "gpu" / "install.sh"
+DEPS = ROOT / "benchmarks" / "gpu" / "deps.py"
 STAGES = ("read", "decode", "geometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
 RATIOS = ("augment_vs_torchvision", "augment_vs_lightly", "lars_fused_vs_loop", "ntxent_vs_lightly",
           "loss_chunked_memory_flat", "e2e_vs_synthetic_step", "loader_two_view_images_per_s")
@@ -235,8 +237,28 @@ def test_gpu_carry_dry_run(tmp_path):
     assert not (tmp_path / "carry").exists()
 
 
-@pytest.mark.parametrize("script", [SUITE, CARRY, ROOT / "benchmarks" / "gpu" / "install.sh",
-                                    ROOT / "benchmarks" / "gpu" / "_lib.sh"],
+def test_ffcv_deps_are_read_from_setup_py(tmp_path):
+    """One FFCV dependency list, setup.py's extras["ffcv"]: gpu/deps.py reads it, the scripts use it and
+    never repeat it. FFCV 1.0.2 declares fastargs (fastprogress is neither declared nor imported)."""
+    def deps(cmd):
+        proc = _run([sys.executable, str(DEPS), cmd], timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert deps("ffcv-pin") == ["ffcv==1.0.2"]
+    carried = deps("ffcv-carry")
+    assert "fastargs" in carried and "fastprogress" not in carried and "setuptools" in carried
+    assert not {"ffcv", "numba", "opencv-python-headless"} & set(carried)  # the sdist; on the GPU machine
+    for script in (CARRY, INSTALL):
+        assert "fastargs" not in script.read_text() and "terminaltables" not in script.read_text(), script
+    proc = _run(["bash", str(CARRY), "--dry-run", "--only", "ffcv", str(tmp_path / "carry")], timeout=120,
+                env={"FASTCLR_CARRY_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    downloads = [line.split()[-1] for line in proc.stdout.splitlines() if "pip download" in line]
+    assert {d.split("==")[0] for d in downloads} >= set(carried)
+
+
+@pytest.mark.parametrize("script", [SUITE, CARRY, INSTALL, ROOT / "benchmarks" / "gpu" / "_lib.sh"],
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:

@@ -2,7 +2,7 @@
 # The install half of benchmarks/gpu_suite.sh, sourced by it (not run on its own): reassembling the
 # carried files (benchmarks/gpu/carry.sh writes them) and installing fastclr, DALI, FFCV and the peers
 # from them. It uses the suite's phase bookkeeping (phase, skip_phase, importable) and its globals
-# (PY, DRY_RUN, CARRY_DIR, SELF).
+# (PY, DRY_RUN, CARRY_DIR, SELF, REPO).
 
 DALI_PKG="nvidia_dali_cuda130"
 
@@ -152,8 +152,12 @@ EOF
     # DT_RPATH (not RUNPATH): also searched for the kit libraries' own dependencies (libtbb, lapack...).
     PATH="$shim:$PATH" LDFLAGS="-Wl,--disable-new-dtags,-rpath,$native/lib ${LDFLAGS:-}" \
         "$PY" -m pip install --no-index --find-links "$wheels" --no-build-isolation --no-deps "$sdist"
-    "$PY" -m pip install --no-index --find-links "$wheels" --no-build-isolation \
-        terminaltables pytorch_pfn_extras fastargs assertpy psutil || echo "warning: some FFCV runtime deps missing"
+    # The rest of setup.py's extras["ffcv"], less what the machine already has (benchmarks/gpu/deps.py).
+    local -a deps=()
+    mapfile -t deps < <("$PY" "$REPO/benchmarks/gpu/deps.py" ffcv-carry)
+    (( ${#deps[@]} )) || { echo "cannot read FFCV's dependencies from $REPO/setup.py"; return 1; }
+    "$PY" -m pip install --no-index --find-links "$wheels" --no-build-isolation "${deps[@]}" \
+        || echo "warning: some FFCV runtime deps missing"
     LD_LIBRARY_PATH="$native/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
         "$PY" -c 'import ffcv, ffcv.libffcv; print("ffcv imports:", ffcv.__file__)'
 }
