@@ -98,7 +98,8 @@ def parse_args(argv=None, description: str | None = None):
                     help="also time torch.compile'd models (default: on for cuda, off for cpu)")
     ap.add_argument("--data", help="ImageFolder to use instead of the generated one")
     ap.add_argument("--beton", help=".beton for the ffcv backend (default: converted from the generated data)")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/<date>-<device>-<sha>.json)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/<date>-<device>-<sha>.json; with "
+                                  "--quick, the same name in a new temporary folder)")
     ap.add_argument("--sweep", action="append", default=[], metavar="PARAM=V1,V2,...",
                     help="re-run the relevant stages per value; PARAM in " + ", ".join(SWEEPABLE))
     ap.add_argument("--size", type=int, help="view side in pixels")

@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -144,11 +145,13 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(0) if device == "cuda" else cpu_model()
 
 
-def default_out(device: str, sha: str | None) -> str:
+def default_out(device: str, sha: str | None, temporary: bool = False) -> str:
+    """benchmarks/results/<date>-<device>-<sha>.json; with ``temporary`` (smoke runs, whose numbers are
+    not meant to be committed), the same name in a new fastclr-bench-* folder of the system temp dir."""
     slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
     slug = "-".join(filter(None, slug.split("-")))[:40]
-    return os.path.join(ROOT, "benchmarks", "results",
-                        f"{time.strftime('%Y%m%d-%H%M%S')}-{device}-{slug}-{(sha or 'nogit')[:8]}.json")
+    folder = tempfile.mkdtemp(prefix="fastclr-bench-") if temporary else os.path.join(ROOT, "benchmarks", "results")
+    return os.path.join(folder, f"{time.strftime('%Y%m%d-%H%M%S')}-{device}-{slug}-{(sha or 'nogit')[:8]}.json")
 
 
 def run_meta(args, plan, data, sha: str | None, dirty: bool, complete: bool) -> dict:

@@ -23,7 +23,8 @@ Stages (images/s; views/s where a stage makes two views per image):
 
 Headline ratios are measured side by side in the same run (never against numbers from elsewhere).
 Results: an aligned table on stdout, a JSON file (benchmarks/results/<date>-<device>-<sha>.json or
---out) with every number, the machine and the versions, and a PNG bar chart per stage next to it.
+--out; a --quick run writes to a new temporary folder instead) with every number, the machine and the
+versions, and a PNG bar chart per stage next to it.
 See benchmarks/README.md for how to read them.
 """
 from __future__ import annotations
@@ -74,8 +75,10 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     sha, dirty = git_info()
-    out_path = os.path.abspath(args.out or default_out(args.device, sha))
+    out_path = os.path.abspath(args.out or default_out(args.device, sha, temporary=args.quick))
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    log(f"results -> {out_path}" + ("  (--quick: a temporary folder; --out PATH to keep them)"
+                                    if args.quick and not args.out else ""))
     log(f"device {args.device} ({device_name(args.device)}), {cpu_count()} CPUs, stages {','.join(args.stages)}, "
         f"backends {','.join(args.backends)}, peers {'on' if args.peers else 'off'}")
     data = Data(args, plan)

@@ -153,6 +153,24 @@ def test_quick_charts(quick_result):
         assert Path(path).is_file() and Path(path).parent == out.parent, (stage, path)
 
 
+def test_quick_run_writes_to_a_temporary_folder(tmp_path):
+    """--quick without --out: the JSON goes to a new fastclr-bench-* folder of the temp dir, never into
+    benchmarks/results/ (results meant to be committed), and the run says where it went."""
+    results = ROOT / "benchmarks" / "results"
+    before = set(results.iterdir())
+    proc = _run([sys.executable, str(THROUGHPUT), "--quick", "--stages", "read", "--backends", "torch",
+                 "--no-peers", "--no-chart", "--cache", str(tmp_path / "cache")], timeout=300,
+                env={"TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert set(results.iterdir()) == before
+    wrote = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1, proc.stdout
+    path = Path(wrote[0])
+    assert path.is_file() and path.parent.parent == tmp_path and path.parent.name.startswith("fastclr-bench-")
+    assert f"results -> {path}" in proc.stderr
+    assert json.loads(path.read_text())["meta"]["complete"] is True
+
+
 def test_bad_arguments_fail_fast():
     proc = _run([sys.executable, str(THROUGHPUT), "--stages", "read,warp"], timeout=120)
     assert proc.returncode == 2 and "unknown stage" in proc.stderr
