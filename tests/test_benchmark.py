@@ -277,7 +277,8 @@ def test_ffcv_deps_are_read_from_setup_py(tmp_path):
     assert {d.split("==")[0] for d in downloads} >= set(carried)
 
 
-@pytest.mark.parametrize("script", [SUITE, CARRY, INSTALL, ROOT / "benchmarks" / "gpu" / "_lib.sh"],
+@pytest.mark.parametrize("script", [SUITE, CARRY, INSTALL, ROOT / "benchmarks" / "gpu" / "_lib.sh",
+                                    ROOT / "benchmarks" / "semisup.sh"],
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:
@@ -318,3 +319,28 @@ def test_merge_results_keeps_measured_stages(quick_result, tmp_path):
     assert merged["ratios"].keys() == res["ratios"].keys()
     for k, r in res["ratios"].items():
         assert merged["ratios"][k].get("value") == r.get("value"), k
+
+
+def test_semisup_report_results(tmp_path):
+    """semisup.sh's bookkeeping (benchmarks/semisup_report.py): the results table and JSON from the step
+    runs' last log records, a missing or unfinished step shown as '-', seconds summed per step."""
+    out = tmp_path / "runs"
+    for name, rec in (("pretrain", {"event": "done", "step": 10, "final_loss": 1.5}),
+                      ("finetune_1pct", {"event": "done", "final_top1": 70.12, "step": 30})):
+        (out / name).mkdir(parents=True)
+        (out / name / "log.jsonl").write_text(json.dumps({"event": "start"}) + "\n" + json.dumps(rec) + "\n")
+    (out / "timings.jsonl").write_text("".join(json.dumps({"step": s, "seconds": t}) + "\n"
+                                               for s, t in (("pretrain", 120), ("finetune_1pct", 30),
+                                                            ("pretrain", 60))))
+    save = tmp_path / "saved" / "semisup_demo"
+    proc = _run([sys.executable, "-m", "benchmarks.semisup_report", "results", str(out), "1", "18",
+                 str(out / "pretrain"), str(save)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc == json.loads(save.with_suffix(".json").read_text())
+    assert doc["quick"] is True and doc["teacher_depth"] == 18 and doc["pretrain"]["step"] == 10
+    assert doc["pretrain_seconds"] == 180 and doc["total_seconds"] == 210
+    assert doc["results"]["finetune_1pct"]["top1"] == 70.12 and doc["results"]["finetune_10pct"]["top1"] is None
+    md = (out / "results.md").read_text()
+    assert "| SimCLR + fine-tune (SimCLRv2 step 2) | R18 | 70.1 | - |" in md and "SMOKE RUN" in md
+    assert md in proc.stdout and f"results: {out}/results.json, {save}.json" in proc.stdout
