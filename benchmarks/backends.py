@@ -63,7 +63,7 @@ def loader_variants(args, device) -> list[tuple]:
                 # (host syncs) against the default masked whole-batch ops (4x the arithmetic, no sync).
                 out.append(("fastclr torch (colour ops on exact subsets)", b, {"photometry_mode": "subset"}))
         if b == "dali" and torch.device(device).type == "cuda" and getattr(args, "variants", True):
-            # Issue 6's two choices, against the default row above in the same run: the TF-exact
+            # DALI's two design choices, each against the default row above in the same run: the TF-exact
             # augment.py colour ops instead of DALI's, and ROI decode per view instead of decode once.
             out.append(("fastclr dali (augment.py colour ops)", b,
                         {"dali_photometry": "torch", "dali_roi_decode": False}))

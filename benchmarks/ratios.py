@@ -103,7 +103,7 @@ def compute_ratios(stages: dict, plan: Plan, device_type: str = "cpu") -> dict:
             {"name": best["name"], "images_per_s": best["images_per_s"]}, unit="x images/s (real / synthetic data)")
     else:
         ratios["e2e_vs_synthetic_step"] = _ratio(None, 0.95, "step", "e2e", reason="step or e2e stage not run")
-    # The loader alone, two views at 224 px: an absolute goal for one H100 (issue 6), so GPU runs only.
+    # The loader alone, two views at 224 px: an absolute goal for one H100, so GPU runs only.
     target = 10000.0
     if device_type != "cuda":
         ratios["loader_two_view_images_per_s"] = _ratio(None, target, None, "fastclr",

@@ -13,8 +13,8 @@
 #                                 under benchmarks/results
 #   SEMISUP_PRETRAIN=DIR          reuse this pretrain.py run (e.g. runs/demo from `make demo`) instead
 #                                 of pretraining here
-#   SEMISUP_PRETRAIN_EPOCHS=4     SimCLR pretraining epochs (~4 min each on 2 cores; `make demo`'s
-#                                 0.77 epoch fine-tunes to 74.8 % at 1 % labels, 4 epochs to 77.2 %)
+#   SEMISUP_PRETRAIN_EPOCHS=4     SimCLR pretraining epochs (what each costs and buys:
+#                                 benchmarks/README.md, docs/semisup.md)
 #   SEMISUP_TEACHER_DEPTH=18      ResNet depth of the pretrained/fine-tuned network (18 or 34); the
 #                                 distillation student is always R18, so 34 makes it a smaller student
 #   SEMISUP_SCRATCH_ARGS=""       extra finetune.py options for the supervised-from-scratch baseline
@@ -85,7 +85,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------- 2. per label fraction
 for F in 1pct 10pct; do
-  # logistic regression on raw pixels (the reference the issue author measured: 78.2 % / 81.6 %)
+  # logistic regression on raw pixels: the floor every learned representation must beat
   step "raw_pixels_$F" "$OUT/raw_pixels_$F" linear_eval.py "demo_$F" --raw_pixels=true "${DATA[@]}" "${LE_X[@]}"
   # supervised from scratch: the same network and fine-tuning recipe, random init
   # shellcheck disable=SC2086  # SEMISUP_SCRATCH_ARGS: word-split on purpose
