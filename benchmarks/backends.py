@@ -44,8 +44,8 @@ def time_loader(loader, device, warmup: int, timed_batches: int, batch: int) -> 
     finally:
         it.close()
     n = timed_batches * batch
-    return dict(images_per_s=n / dt, views_per_s=K * n / dt, seconds=dt, images=n, warmup_s=t1 - t0,
-                out_shape=list(views[0].shape), out_dtype=str(views[0].dtype).replace("torch.", ""))
+    return {"images_per_s": n / dt, "views_per_s": K * n / dt, "seconds": dt, "images": n, "warmup_s": t1 - t0,
+            "out_shape": list(views[0].shape), "out_dtype": str(views[0].dtype).replace("torch.", "")}
 
 
 def loader_variants(args, device) -> list[tuple]:

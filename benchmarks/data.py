@@ -38,8 +38,8 @@ def _make_class(job):
 def generated_folder(cache: str, plan: Plan, seed: int) -> str:
     """cache/<key>/images: plan.classes x plan.per_class ImageNet-like JPEGs (quality 90). Made once
     (in a temporary folder, then renamed: concurrent runs never see half a data set)."""
-    params = dict(v=DATA_VERSION, classes=plan.classes, per_class=plan.per_class, seed=seed, quality=90,
-                  sizes="imagenet_like_size")
+    params = {"v": DATA_VERSION, "classes": plan.classes, "per_class": plan.per_class, "seed": seed,
+              "quality": 90, "sizes": "imagenet_like_size"}
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     root = os.path.join(cache, f"imagenet_like-c{plan.classes}-p{plan.per_class}-s{seed}-{key}")
     images = os.path.join(root, "images")

@@ -64,7 +64,7 @@ def _time_model(b: Bench, build_model, kw, B, dtype, compiled):
     sync(b.device)
     first = time.perf_counter() - t0
     dt = timed(run, b.device, max(p.model_warmup - 1, 0), p.model_iters)
-    out = dict(images_per_s=B / dt, views_per_s=K * B / dt, seconds_per_step=dt)
+    out = {"images_per_s": B / dt, "views_per_s": K * B / dt, "seconds_per_step": dt}
     if compiled:
         out["compile_seconds"] = first
     return out
