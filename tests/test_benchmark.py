@@ -1,7 +1,8 @@
 """benchmarks/: throughput.py --quick end to end (JSON schema, every stage present or skipped with a
-reason, ratios well-formed), gpu_suite.sh --dry-run and its carry reassembly, gpu/carry.sh --dry-run,
-and shellcheck on both scripts when it is installed. No timing is asserted (DESIGN: speed claims live
-in the benchmark's JSON, never in tests)."""
+reason, ratios well-formed, smoke results kept out of benchmarks/results/), merge_results.py,
+gpu_suite.sh --dry-run and its carry reassembly, gpu/carry.sh --dry-run, FFCV's one dependency list
+(setup.py, read by gpu/deps.py), semisup_report.py, and shellcheck on every shell script when it is
+installed. No timing is asserted (DESIGN: speed claims live in the benchmark's JSON, never in tests)."""
 from __future__ import annotations
 
 import hashlib
