@@ -59,7 +59,7 @@ semisup: install
 	bash benchmarks/semisup.sh
 
 gpu-carry: install
-	bash benchmarks/gpu_carry.sh gpu_carry
+	bash benchmarks/gpu/carry.sh gpu_carry
 
 clean:
 	rm -rf $(VENV) *.egg-info build .pytest_cache

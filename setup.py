@@ -15,8 +15,13 @@ extras = {
     # For older drivers install nvidia-dali-cuda120 instead (see README, "Installing DALI").
     "dali": ["nvidia-dali-cuda130"],
     # ffcv builds from source against libturbojpeg + opencv (apt: libturbojpeg0-dev libopencv-dev
-    # pkg-config); the rest is what its loaders import at run time.
-    "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless", "terminaltables", "pytorch_pfn_extras", "fastprogress", "psutil", "assertpy"],
+    # pkg-config). The GPU scripts build it offline with --no-deps, so its requirements are listed
+    # here, the one list they read (benchmarks/gpu/deps.py). Imported at run time: numba, OpenCV,
+    # setuptools (ffcv imports distutils, which Python >= 3.12 has only through setuptools) and
+    # pytorch_pfn_extras (NormalizeImage on CUDA). Declared by ffcv but not imported by its loader:
+    # terminaltables, fastargs, assertpy, psutil (kept so that `pip check` passes).
+    "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless", "setuptools", "pytorch_pfn_extras",
+             "terminaltables", "fastargs", "assertpy", "psutil"],
     "dev": ["pytest>=8", "hypothesis", "ruff"],
     # Peers, used only by benchmarks/throughput.py as a same-run baseline.
     "peers": ["lightly"],

@@ -1,6 +1,7 @@
 """Merge throughput.py results whose stages were measured in separate runs into one JSON.
 
     python benchmarks/merge_results.py OUT.json RUN1.json RUN2.json ...
+    python -m benchmarks.merge_results OUT.json RUN1.json RUN2.json ...     (the same, from the repo root)
 
 For a GPU suite split over several device leases (a run that failed in one stage, rerun for that
 stage alone): a stage comes from the last input where it is not skipped, and records which run it
@@ -15,8 +16,13 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import throughput
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/merge_results.py` puts benchmarks/ first, not the repo root
+    sys.path.insert(0, ROOT)
+
+from benchmarks.plan import STAGES, Plan
+from benchmarks.ratios import compute_ratios
+from benchmarks.report import charts, ratio_table, write_json
 
 
 def _measured(stage: dict) -> bool:
@@ -47,11 +53,11 @@ def merge(docs: list[tuple[str, dict]]) -> dict:
                 continue  # a sweep point where nothing was measured
             sweeps.append({**sw, "source": path})
     last = docs[-1][1]["meta"]
-    plan = throughput.Plan(**last["config"])
+    plan = Plan(**last["config"])
     meta = {**last, "merged_from": merged_from, "charts": None}
-    order = [s for s in throughput.STAGES if s in stages]
+    order = [s for s in STAGES if s in stages]
     return {"meta": meta, "stages": {k: stages[k] for k in order},
-            "ratios": throughput.compute_ratios(stages, plan, last.get("device_type", "cpu")), "sweeps": sweeps}
+            "ratios": compute_ratios(stages, plan, last.get("device_type", "cpu")), "sweeps": sweeps}
 
 
 def main(argv=None) -> int:
@@ -70,13 +76,9 @@ def main(argv=None) -> int:
             ap.error(f"cannot read {p}: {e}")
     result = merge(docs)
     if not args.no_chart:
-        result["meta"]["charts"] = throughput.charts(result["stages"], args.out)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, args.out)
-    print(throughput.ratio_table(result["ratios"]))
+        result["meta"]["charts"] = charts(result["stages"], args.out)
+    write_json(args.out, result)
+    print(ratio_table(result["ratios"]))
     print(f"wrote {args.out} from {len(docs)} runs")
     return 0
 

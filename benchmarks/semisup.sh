@@ -13,8 +13,8 @@
 #                                 under benchmarks/results
 #   SEMISUP_PRETRAIN=DIR          reuse this pretrain.py run (e.g. runs/demo from `make demo`) instead
 #                                 of pretraining here
-#   SEMISUP_PRETRAIN_EPOCHS=4     SimCLR pretraining epochs (~4 min each on 2 cores; `make demo`'s
-#                                 0.77 epoch fine-tunes to 74.8 % at 1 % labels, 4 epochs to 77.2 %)
+#   SEMISUP_PRETRAIN_EPOCHS=4     SimCLR pretraining epochs (what each costs and buys:
+#                                 benchmarks/README.md, docs/semisup.md)
 #   SEMISUP_TEACHER_DEPTH=18      ResNet depth of the pretrained/fine-tuned network (18 or 34); the
 #                                 distillation student is always R18, so 34 makes it a smaller student
 #   SEMISUP_SCRATCH_ARGS=""       extra finetune.py options for the supervised-from-scratch baseline
@@ -56,18 +56,7 @@ if [ "$QUICK" = 1 ]; then
   # smoke run: score on a class-balanced 1000-image subset of the test set (symlinks)
   VAL="$OUT/val_1000"
   if [ ! -d "$VAL" ]; then
-    "$PY" - "$DEMO/val" "$VAL" <<'EOF'
-import os, sys
-from loaders.subsets import balanced_draw, folder_entries
-src, dst = sys.argv[1], sys.argv[2]
-entries = folder_entries(src)
-tmp = dst + ".tmp"
-for i in balanced_draw([lab for _, lab in entries], 0.1, seed=0):
-    rel = entries[i][0]
-    os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
-    os.symlink(os.path.join(os.path.abspath(src), rel), os.path.join(tmp, rel))
-os.replace(tmp, dst)
-EOF
+    "$PY" -m benchmarks.semisup_report val-subset "$DEMO/val" "$VAL"
   fi
 fi
 DATA=(--data.path="$DEMO/train" --run.val_path="$VAL")
@@ -96,7 +85,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------- 2. per label fraction
 for F in 1pct 10pct; do
-  # logistic regression on raw pixels (the reference the issue author measured: 78.2 % / 81.6 %)
+  # logistic regression on raw pixels: the floor every learned representation must beat
   step "raw_pixels_$F" "$OUT/raw_pixels_$F" linear_eval.py "demo_$F" --raw_pixels=true "${DATA[@]}" "${LE_X[@]}"
   # supervised from scratch: the same network and fine-tuning recipe, random init
   # shellcheck disable=SC2086  # SEMISUP_SCRATCH_ARGS: word-split on purpose
@@ -118,70 +107,4 @@ done
 # ---------------------------------------------------------------------------------------------- 3. results
 SAVE=""
 [ "$QUICK" = 1 ] || SAVE="benchmarks/results/semisup_demo"
-"$PY" - "$OUT" "$QUICK" "$DEPTH" "$PRE" "$SAVE" <<'EOF'
-import json, os, platform, subprocess, sys, time
-import torch
-out, quick, depth, pre, save = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4], sys.argv[5]
-
-def done(d):
-    try:
-        return json.loads(open(os.path.join(d, "log.jsonl")).read().splitlines()[-1])
-    except (OSError, IndexError, ValueError):
-        return {}
-
-times = {}
-if os.path.exists(os.path.join(out, "timings.jsonl")):
-    for ln in open(os.path.join(out, "timings.jsonl")):
-        r = json.loads(ln)
-        times[r["step"]] = times.get(r["step"], 0) + r["seconds"]
-rows = [  # (key, method, network, uses)
-    ("raw_pixels", "logistic regression on raw pixels", "linear, 3072 inputs", "labels"),
-    ("scratch", "supervised from scratch", f"R{depth}", "labels"),
-    ("linear", "SimCLR + linear eval (frozen)", f"R{depth}", "unlabeled + labels"),
-    ("finetune", "SimCLR + fine-tune (SimCLRv2 step 2)", f"R{depth}", "unlabeled + labels"),
-    ("distill", "+ distill into a fresh R18 (tau 1)", "R18", "unlabeled x2 + labels"),
-    ("self_distill", "+ self-distill (tau 0.1)", f"R{depth}", "unlabeled x2 + labels"),
-]
-results = {}
-for key, method, net, uses in rows:
-    for f in ("1pct", "10pct"):
-        d = done(os.path.join(out, f"{key}_{f}"))
-        results[f"{key}_{f}"] = {"top1": d.get("final_top1"), "top5": d.get("final_top5"),
-                                 "best_top1": d.get("best_top1"), "steps": d.get("step"),
-                                 "seconds": times.get(f"{key}_{f}")}
-pre_done = done(pre)
-try:
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False).stdout)
-except OSError:
-    sha, dirty = "unknown", None
-doc = {
-    "what": "SimCLRv2 semi-supervised chain on Fashion-MNIST (demo set, 32px), top-1 on the 10k test set",
-    "quick": quick, "device": "cpu", "cpu": platform.processor() or platform.machine(),
-    "threads": int(os.environ.get("OMP_NUM_THREADS", "0")), "torch": torch.__version__,
-    "python": platform.python_version(), "git_sha": sha, "git_dirty": dirty,
-    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "teacher_depth": depth, "pretrain_run": pre,
-    "pretrain": {k: pre_done.get(k) for k in ("step", "final_loss", "knn_top1", "knn_top1_random_init")},
-    "pretrain_seconds": times.get("pretrain"), "total_seconds": sum(times.values()),
-    "reference_raw_pixels_issue": {"1pct": 78.2, "10pct": 81.6}, "results": results,
-}
-fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-lines = ["| method | network | 1 % labels (600) | 10 % labels (6000) |", "|---|---|---|---|"]
-for key, method, net, uses in rows:
-    lines.append(f"| {method} | {net} | {fmt(results[f'{key}_1pct']['top1'])} | {fmt(results[f'{key}_10pct']['top1'])} |")
-mins = doc["total_seconds"] / 60
-scored = "SMOKE RUN: 1000 of the test images, tiny schedules" if quick else "the 10k Fashion-MNIST test images"
-lines += ["", f"Top-1 (%) on {scored}; "
-          f"CPU, {doc['threads']} threads, torch {doc['torch']}, git {sha[:10]}{' (dirty)' if dirty else ''}; "
-          f"chain wall time {mins:.0f} min (pretrain {((times.get('pretrain') or 0) / 60):.0f} min)."]
-md = "\n".join(lines) + "\n"
-for base in [os.path.join(out, "results")] + ([save] if save else []):
-    os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
-    with open(base + ".json", "w") as fh:
-        json.dump(doc, fh, indent=1)
-        fh.write("\n")
-    with open(base + ".md", "w") as fh:
-        fh.write(md)
-print(md)
-print(f"results: {out}/results.json" + (f", {save}.json" if save else ""))
-EOF
+"$PY" -m benchmarks.semisup_report results "$OUT" "$QUICK" "$DEPTH" "$PRE" "$SAVE"

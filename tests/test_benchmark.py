@@ -1,7 +1,8 @@
 """benchmarks/: throughput.py --quick end to end (JSON schema, every stage present or skipped with a
-reason, ratios well-formed), gpu_suite.sh --dry-run and its carry reassembly, gpu_carry.sh --dry-run,
-and shellcheck on both scripts when it is installed. No timing is asserted (DESIGN: speed claims live
-in the benchmark's JSON, never in tests)."""
+reason, ratios well-formed, smoke results kept out of benchmarks/results/), merge_results.py,
+gpu_suite.sh --dry-run and its carry reassembly, gpu/carry.sh --dry-run, FFCV's one dependency list
+(setup.py, read by gpu/deps.py), semisup_report.py, and shellcheck on every shell script when it is
+installed. No timing is asserted (DESIGN: speed claims live in the benchmark's JSON, never in tests)."""
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
-CARRY = ROOT / "benchmarks" / "gpu_carry.sh"
+CARRY = ROOT / "benchmarks" / "gpu" / "carry.sh"
+INSTALL = ROOT / "benchmarks" / "gpu" / "install.sh"
+DEPS = ROOT / "benchmarks" / "gpu" / "deps.py"
 STAGES = ("read", "decode", "geometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
 RATIOS = ("augment_vs_torchvision", "augment_vs_lightly", "lars_fused_vs_loop", "ntxent_vs_lightly",
           "loss_chunked_memory_flat", "e2e_vs_synthetic_step", "loader_two_view_images_per_s")
@@ -60,12 +63,13 @@ def test_killed_run_leaves_partial_json(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("throughput_partial", THROUGHPUT)
     tp = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, tp)  # dataclasses look their module up there
-    spec.loader.exec_module(tp)
+    spec.loader.exec_module(tp)  # puts the repo root on sys.path, as running the file does
+    from benchmarks import stages
 
-    def killed(self):
+    def killed(bench):
         raise KeyboardInterrupt  # what a SIGINT/timeout does mid-stage: not caught as a stage failure
 
-    monkeypatch.setattr(tp.Bench, "stage_decode", killed)
+    monkeypatch.setitem(stages.RUNNERS, "decode", killed)
     out = tmp_path / "partial.json"
     with pytest.raises(KeyboardInterrupt):
         tp.main(["--quick", "--backends", "torch", "--no-peers", "--stages", "read,decode", "--out", str(out),
@@ -150,6 +154,24 @@ def test_quick_charts(quick_result):
         assert Path(path).is_file() and Path(path).parent == out.parent, (stage, path)
 
 
+def test_quick_run_writes_to_a_temporary_folder(tmp_path):
+    """--quick without --out: the JSON goes to a new fastclr-bench-* folder of the temp dir, never into
+    benchmarks/results/ (results meant to be committed), and the run says where it went."""
+    results = ROOT / "benchmarks" / "results"
+    before = set(results.iterdir())
+    proc = _run([sys.executable, str(THROUGHPUT), "--quick", "--stages", "read", "--backends", "torch",
+                 "--no-peers", "--no-chart", "--cache", str(tmp_path / "cache")], timeout=300,
+                env={"TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert set(results.iterdir()) == before
+    wrote = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1, proc.stdout
+    path = Path(wrote[0])
+    assert path.is_file() and path.parent.parent == tmp_path and path.parent.name.startswith("fastclr-bench-")
+    assert f"results -> {path}" in proc.stderr
+    assert json.loads(path.read_text())["meta"]["complete"] is True
+
+
 def test_bad_arguments_fail_fast():
     proc = _run([sys.executable, str(THROUGHPUT), "--stages", "read,warp"], timeout=120)
     assert proc.returncode == 2 and "unknown stage" in proc.stderr
@@ -158,7 +180,7 @@ def test_bad_arguments_fail_fast():
 
 
 # ------------------------------------------------------------------------------------------------
-# gpu_suite.sh / gpu_carry.sh
+# gpu_suite.sh / gpu/carry.sh
 # ------------------------------------------------------------------------------------------------
 
 def _fake_carry(root: Path, corrupt: bool = False) -> bytes:
@@ -235,7 +257,30 @@ def test_gpu_carry_dry_run(tmp_path):
     assert not (tmp_path / "carry").exists()
 
 
-@pytest.mark.parametrize("script", [SUITE, CARRY, ROOT / "benchmarks" / "_lib.sh"], ids=lambda p: p.name)
+def test_ffcv_deps_are_read_from_setup_py(tmp_path):
+    """One FFCV dependency list, setup.py's extras["ffcv"]: gpu/deps.py reads it, the scripts use it and
+    never repeat it. FFCV 1.0.2 declares fastargs (fastprogress is neither declared nor imported)."""
+    def deps(cmd):
+        proc = _run([sys.executable, str(DEPS), cmd], timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert deps("ffcv-pin") == ["ffcv==1.0.2"]
+    carried = deps("ffcv-carry")
+    assert "fastargs" in carried and "fastprogress" not in carried and "setuptools" in carried
+    assert not {"ffcv", "numba", "opencv-python-headless"} & set(carried)  # the sdist; on the GPU machine
+    for script in (CARRY, INSTALL):
+        assert "fastargs" not in script.read_text() and "terminaltables" not in script.read_text(), script
+    proc = _run(["bash", str(CARRY), "--dry-run", "--only", "ffcv", str(tmp_path / "carry")], timeout=120,
+                env={"FASTCLR_CARRY_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    downloads = [line.split()[-1] for line in proc.stdout.splitlines() if "pip download" in line]
+    assert {d.split("==")[0] for d in downloads} >= set(carried)
+
+
+@pytest.mark.parametrize("script", [SUITE, CARRY, INSTALL, ROOT / "benchmarks" / "gpu" / "_lib.sh",
+                                    ROOT / "benchmarks" / "semisup.sh"],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed")
@@ -275,3 +320,28 @@ def test_merge_results_keeps_measured_stages(quick_result, tmp_path):
     assert merged["ratios"].keys() == res["ratios"].keys()
     for k, r in res["ratios"].items():
         assert merged["ratios"][k].get("value") == r.get("value"), k
+
+
+def test_semisup_report_results(tmp_path):
+    """semisup.sh's bookkeeping (benchmarks/semisup_report.py): the results table and JSON from the step
+    runs' last log records, a missing or unfinished step shown as '-', seconds summed per step."""
+    out = tmp_path / "runs"
+    for name, rec in (("pretrain", {"event": "done", "step": 10, "final_loss": 1.5}),
+                      ("finetune_1pct", {"event": "done", "final_top1": 70.12, "step": 30})):
+        (out / name).mkdir(parents=True)
+        (out / name / "log.jsonl").write_text(json.dumps({"event": "start"}) + "\n" + json.dumps(rec) + "\n")
+    (out / "timings.jsonl").write_text("".join(json.dumps({"step": s, "seconds": t}) + "\n"
+                                               for s, t in (("pretrain", 120), ("finetune_1pct", 30),
+                                                            ("pretrain", 60))))
+    save = tmp_path / "saved" / "semisup_demo"
+    proc = _run([sys.executable, "-m", "benchmarks.semisup_report", "results", str(out), "1", "18",
+                 str(out / "pretrain"), str(save)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc == json.loads(save.with_suffix(".json").read_text())
+    assert doc["quick"] is True and doc["teacher_depth"] == 18 and doc["pretrain"]["step"] == 10
+    assert doc["pretrain_seconds"] == 180 and doc["total_seconds"] == 210
+    assert doc["results"]["finetune_1pct"]["top1"] == 70.12 and doc["results"]["finetune_10pct"]["top1"] is None
+    md = (out / "results.md").read_text()
+    assert "| SimCLR + fine-tune (SimCLRv2 step 2) | R18 | 70.1 | - |" in md and "SMOKE RUN" in md
+    assert md in proc.stdout and f"results: {out}/results.json, {save}.json" in proc.stdout

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare what benchmarks/gpu_suite.sh installs on a GPU machine that has no network.
 #
-#   bash benchmarks/gpu_carry.sh [--dry-run] [--offline] [--only GROUPS] OUT_DIR     (make gpu-carry: OUT_DIR=gpu_carry)
+#   bash benchmarks/gpu/carry.sh [--dry-run] [--offline] [--only GROUPS] OUT_DIR     (make gpu-carry: OUT_DIR=gpu_carry)
 #
 # Runs on a CPU machine with network to PyPI (and, for the FFCV kit, libturbojpeg0-dev + libopencv-dev
 # installed, as `make install` does). Writes OUT_DIR/carry01, carry02, ...: each folder at most
@@ -11,7 +11,8 @@
 # Every folder holds a copy of SHA256SUMS (of the whole files). Groups (--only; default below):
 #   dali   nvidia-dali-cuda130 + what it Requires (nvimgcodec[all]: nvjpeg, nvjpeg2k, nvtiff; libnvcomp;
 #          astunparse, gast, six, optree, packaging, nvtx, makefun, libcst, pyyaml, wheel)
-#   ffcv   the ffcv 1.0.2 sdist, its pure-Python runtime deps, and ffcv-native.tar.gz: turbojpeg.h,
+#   ffcv   the ffcv sdist and the rest of setup.py's extras["ffcv"] but numba and OpenCV (which the GPU
+#          machine has), read by benchmarks/gpu/deps.py, and ffcv-native.tar.gz: turbojpeg.h,
 #          the OpenCV 4 headers, libturbojpeg + libopencv_core/imgproc and their shared-library
 #          dependencies (FFCV's C extension is built on the GPU machine against these)
 #   tools  setuptools, wheel (for --no-build-isolation builds)
@@ -25,8 +26,8 @@
 set -euo pipefail
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
-REPO="$(cd "$(dirname "$SELF")/.." && pwd)"
-# shellcheck source=benchmarks/_lib.sh
+REPO="$(cd "$(dirname "$SELF")/../.." && pwd)"
+# shellcheck source=benchmarks/gpu/_lib.sh
 source "$(dirname "$SELF")/_lib.sh"
 PYVER=3.12
 # pip matches each --platform tag exactly: name every manylinux level up to DALI's 2_28 (nvidia-nvjpeg
@@ -44,8 +45,7 @@ ALL_GROUPS="dali,ffcv,tools,test,peers,plot"
 # machine runs what the CPU tests ran), unpinned otherwise.
 GROUP_dali=(nvidia-dali-cuda130 nvidia-nvimgcodec-cu13 nvidia-libnvcomp-cu13 nvidia-nvjpeg nvidia-nvjpeg2k-cu13
     nvidia-nvtiff-cu13 astunparse gast six optree packaging nvtx makefun libcst pyyaml typing-extensions wheel)
-# shellcheck disable=SC2034
-GROUP_ffcv=(terminaltables pytorch-pfn-extras fastargs assertpy psutil)
+# GROUP_ffcv and FFCV_VERSION come from setup.py's extras["ffcv"] (benchmarks/gpu/deps.py), in main.
 # shellcheck disable=SC2034
 GROUP_tools=(setuptools wheel)
 # shellcheck disable=SC2034
@@ -56,10 +56,9 @@ GROUP_peers=(lightly pytorch-lightning lightning-utilities torchmetrics hydra-co
     packaging tqdm)
 # shellcheck disable=SC2034
 GROUP_plot=(matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six)
-FFCV_VERSION=1.0.2
 
 usage() {
-    sed -n '2,24p' "$SELF" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$SELF" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -164,7 +163,12 @@ main() {
     else
         PY=python3
     fi
-    local g
+    local g ffcv_pin ffcv_deps
+    ffcv_pin=$("$PY" "$(dirname "$SELF")/deps.py" ffcv-pin) || die "cannot read the ffcv pin from setup.py"
+    ffcv_deps=$("$PY" "$(dirname "$SELF")/deps.py" ffcv-carry) || die "cannot read FFCV's dependencies from setup.py"
+    FFCV_VERSION=${ffcv_pin#*==}
+    # shellcheck disable=SC2034  # read through ${!var} like the other groups
+    mapfile -t GROUP_ffcv <<< "$ffcv_deps"
     IFS=, read -r -a groups <<< "$only"
     for g in "${groups[@]}"; do
         [[ ",$ALL_GROUPS," == *",$g,"* ]] || die "unknown group $g (choose from $ALL_GROUPS)"

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared by benchmarks/gpu_carry.sh and benchmarks/gpu_suite.sh (sourced; both live in benchmarks/).
+# Shared by benchmarks/gpu/carry.sh and benchmarks/gpu_suite.sh (sourced).
 
 show_cmd() {  # print a copy-pasteable command line (plain words unquoted, the rest %q-quoted)
     local a re='^[][A-Za-z0-9_./=:,+@%-]+$'

@@ -1,0 +1,144 @@
+"""The Python half of benchmarks/semisup.sh (the shell script runs the training steps, this module the
+bookkeeping around them). Run from the repo root:
+
+    python -m benchmarks.semisup_report val-subset SRC DST
+        a class-balanced 10 % of the ImageFolder SRC as symlinks in DST (the smoke run's val set)
+    python -m benchmarks.semisup_report results OUT QUICK DEPTH PRETRAIN SAVE
+        OUT/results.{json,md} from the step runs under OUT (and SAVE.{json,md} when SAVE is not empty)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+
+# (key, method, network, uses); the key names the run directories OUT/<key>_<fraction>.
+ROWS = (
+    ("raw_pixels", "logistic regression on raw pixels", "linear, 3072 inputs", "labels"),
+    ("scratch", "supervised from scratch", "R{depth}", "labels"),
+    ("linear", "SimCLR + linear eval (frozen)", "R{depth}", "unlabeled + labels"),
+    ("finetune", "SimCLR + fine-tune (SimCLRv2 step 2)", "R{depth}", "unlabeled + labels"),
+    ("distill", "+ distill into a fresh R18 (tau 1)", "R18", "unlabeled x2 + labels"),
+    ("self_distill", "+ self-distill (tau 0.1)", "R{depth}", "unlabeled x2 + labels"),
+)
+FRACTIONS = ("1pct", "10pct")
+
+
+def val_subset(src: str, dst: str) -> None:
+    """DST: a class-balanced 10 % draw of SRC (seed 0) as symlinks, made in DST.tmp then renamed."""
+    from loaders.subsets import balanced_draw, folder_entries
+    entries = folder_entries(src)
+    tmp = dst + ".tmp"
+    for i in balanced_draw([lab for _, lab in entries], 0.1, seed=0):
+        rel = entries[i][0]
+        os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
+        os.symlink(os.path.join(os.path.abspath(src), rel), os.path.join(tmp, rel))
+    os.replace(tmp, dst)
+
+
+def done(run_dir: str) -> dict:
+    """The last record of a run's log.jsonl (the "done" record of a finished step), or {}."""
+    try:
+        with open(os.path.join(run_dir, "log.jsonl")) as f:
+            return json.loads(f.read().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
+def step_seconds(out: str) -> dict[str, float]:
+    """Wall seconds per step from OUT/timings.jsonl (a step run twice, e.g. resumed, counts both)."""
+    times: dict[str, float] = {}
+    path = os.path.join(out, "timings.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for ln in f:
+                r = json.loads(ln)
+                times[r["step"]] = times.get(r["step"], 0) + r["seconds"]
+    return times
+
+
+def git_state() -> tuple[str, bool | None]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=False).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, check=False).stdout)
+    except OSError:
+        sha, dirty = "unknown", None
+    return sha, dirty
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def results(out: str, quick: bool, depth: int, pre: str, save: str) -> str:
+    """Write OUT/results.{json,md} (and SAVE.{json,md}); returns the markdown table."""
+    import torch
+    times = step_seconds(out)
+    res = {}
+    for key, _, _, _ in ROWS:
+        for f in FRACTIONS:
+            d = done(os.path.join(out, f"{key}_{f}"))
+            res[f"{key}_{f}"] = {"top1": d.get("final_top1"), "top5": d.get("final_top5"),
+                                 "best_top1": d.get("best_top1"), "steps": d.get("step"),
+                                 "seconds": times.get(f"{key}_{f}")}
+    pre_done = done(pre)
+    sha, dirty = git_state()
+    doc = {
+        "what": "SimCLRv2 semi-supervised chain on Fashion-MNIST (demo set, 32px), top-1 on the 10k test set",
+        "quick": quick, "device": "cpu", "cpu": platform.processor() or platform.machine(),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")), "torch": torch.__version__,
+        "python": platform.python_version(), "git_sha": sha, "git_dirty": dirty,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "teacher_depth": depth, "pretrain_run": pre,
+        "pretrain": {k: pre_done.get(k) for k in ("step", "final_loss", "knn_top1", "knn_top1_random_init")},
+        "pretrain_seconds": times.get("pretrain"), "total_seconds": sum(times.values()),
+        "reference_raw_pixels_issue": {"1pct": 78.2, "10pct": 81.6}, "results": res,
+    }
+    lines = ["| method | network | 1 % labels (600) | 10 % labels (6000) |", "|---|---|---|---|"]
+    for key, method, net, _ in ROWS:
+        lines.append(f"| {method} | {net.format(depth=depth)} | {_fmt(res[f'{key}_1pct']['top1'])} "
+                     f"| {_fmt(res[f'{key}_10pct']['top1'])} |")
+    mins = doc["total_seconds"] / 60
+    scored = "SMOKE RUN: 1000 of the test images, tiny schedules" if quick else "the 10k Fashion-MNIST test images"
+    lines += ["", (f"Top-1 (%) on {scored}; "
+                   f"CPU, {doc['threads']} threads, torch {doc['torch']}, git {sha[:10]}{' (dirty)' if dirty else ''}; "
+                   f"chain wall time {mins:.0f} min (pretrain {((times.get('pretrain') or 0) / 60):.0f} min).")]
+    md = "\n".join(lines) + "\n"
+    for base in [os.path.join(out, "results")] + ([save] if save else []):
+        os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
+        with open(base + ".json", "w") as fh:
+            json.dump(doc, fh, indent=1)
+            fh.write("\n")
+        with open(base + ".md", "w") as fh:
+            fh.write(md)
+    return md
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.semisup_report", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("val-subset", help="a class-balanced 10 %% of SRC as symlinks in DST")
+    v.add_argument("src")
+    v.add_argument("dst")
+    r = sub.add_parser("results", help="OUT/results.{json,md} (and SAVE.{json,md})")
+    r.add_argument("out")
+    r.add_argument("quick", help="1: a smoke run")
+    r.add_argument("depth", type=int, help="ResNet depth of the pretrained / fine-tuned network")
+    r.add_argument("pre", help="the pretrain run directory")
+    r.add_argument("save", help="also write SAVE.json / SAVE.md (empty: do not)")
+    args = ap.parse_args(argv)
+    if args.cmd == "val-subset":
+        val_subset(args.src, args.dst)
+        return 0
+    md = results(args.out, args.quick == "1", args.depth, args.pre, args.save)
+    print(md)
+    print(f"results: {args.out}/results.json" + (f", {args.save}.json" if args.save else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
