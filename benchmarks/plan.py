@@ -18,8 +18,7 @@ SWEEPABLE = {  # parameter -> stages it affects
     "batch_size": ("augment", "model", "step", "e2e"),
 }
 K = 2  # views per image (SimCLR)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAME = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")  # --dtypes, in loaders.common.parse_dtype's names
 
 
 @dataclass
@@ -148,9 +147,9 @@ def apply_overrides(plan: Plan, args) -> Plan:
         kw["archs"] = split(args.archs)
     if args.dtypes:
         kw["dtypes"] = split(args.dtypes)
-        bad = [d for d in kw["dtypes"] if d not in DTYPES]
+        bad = [d for d in kw["dtypes"] if d not in DTYPE_CHOICES]
         if bad:
-            raise SystemExit(f"throughput.py: error: unknown dtype(s) {bad}; choose from {', '.join(DTYPES)}")
+            raise SystemExit(f"throughput.py: error: unknown dtype(s) {bad}; choose from {', '.join(DTYPE_CHOICES)}")
     if args.compile is not None:
         kw["compile"] = args.compile
     return replace(plan, **kw)

@@ -82,12 +82,6 @@ def quiet_stdout():
         yield
 
 
-def autocast(device, dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
 @contextlib.contextmanager
 def torch_threads(n: int):
     old = torch.get_num_threads()

@@ -1,6 +1,7 @@
-"""Typed dataclass configs with nested sections, named presets and ``--section.key=value`` overrides.
+"""Typed dataclass configs with nested sections and ``--section.key=value`` overrides: the config of
+every entry point (pretrain, finetune, distill, linear_eval) and the parser. Presets: fastclr.presets.
 
-    cfg = parse(PretrainConfig, sys.argv[1:], PRETRAIN_PRESETS, prog="pretrain.py")
+    cfg = parse(PretrainConfig, sys.argv[1:], presets.PRETRAIN, prog="pretrain.py")
     # argv: [PRESET] [--optim.lr=4.8] [--run.out_dir runs/x] [--help]
 
 Rules (one-line errors for everything a user can get wrong):
@@ -23,7 +24,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple  # noqa: F401  (Tuple: field types)
 
 from loaders.common import LoaderConfig, bounds_text, option, out_of_bounds
 from loaders.files import atomic_write_text
@@ -31,8 +32,6 @@ from loaders.files import atomic_write_text
 
 class ConfigError(ValueError):
     """A user error in the config or command line; its message is one line."""
-
-
 
 
 # ----------------------------------------------------------------------------- sections
@@ -111,34 +110,82 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-# ----------------------------------------------------------------------------- presets
-# A preset only assigns fields; it is applied through the same checked setter as the command line.
-_IMAGENET = {
-    "data.image_size": 224, "data.augment": "simclr", "data.dtype": "bfloat16", "data.num_workers": 8,
-    "optim.global_batch_size": 4096, "optim.base_lr": 0.075, "optim.lr_scaling": "sqrt",
-    "optim.weight_decay": 1e-4, "optim.momentum": 0.9, "optim.warmup_epochs": 10, "optim.epochs": 800,
-    "loss.temperature": 0.1, "model.num_proj_layers": 3, "model.sync_bn": True,
-    "run.out_dir": "runs/imagenet", "run.ckpt_every": 2500,
-}
-PRETRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
-    "imagenet_r50_1x": {**_IMAGENET, "model.name": "r50_1x_sk0"},
-    "imagenet_r50_1x_sk1": {**_IMAGENET, "model.name": "r50_1x_sk1"},
-    "imagenet_r101_2x_sk1": {**_IMAGENET, "model.name": "r101_2x_sk1"},
-    "imagenet_r152_3x_sk1": {**_IMAGENET, "model.name": "r152_3x_sk1"},
-    # The embedded default: Fashion-MNIST at 32px, a small ResNet, ~5 minutes on 2 CPU cores.
-    "demo_cpu": {
-        "data.path": "", "data.image_size": 32, "data.augment": "simclr", "data.blur": False,
-        "data.jitter_strength": 0.5, "data.batch_size": 256, "data.num_workers": 2, "data.dtype": "float32",
-        # The ImageNet stem, not the CIFAR one: at 32px it runs ~5x faster on CPU, which is what
-        # lets the demo train for most of an epoch in its 5-minute budget.
-        "model.depth": 18, "model.width": 1, "model.cifar_stem": False,
-        "optim.global_batch_size": 256, "optim.base_lr": 0.3, "optim.lr_scaling": "linear",
-        "optim.weight_decay": 1e-6, "optim.warmup_epochs": 0.1, "optim.epochs": 1,
-        "loss.temperature": 0.2, "run.out_dir": "runs/demo", "run.device": "cpu", "run.precision": "fp32",
-        # 180 steps of 256 (~46k images, 0.77 epoch; cosine over those steps): ~3.5 min on 2 cores.
-        "run.max_steps": 180, "run.log_every": 10, "run.ckpt_every": 200,
-    },
-}
+# ----------------------------------------------------------------------------- fine-tune, distill, linear eval
+@dataclass
+class SubsetConfig:
+    list: str = option("", "official label subset: one file name per line (1percent.txt); '' = none")
+    # typing.Optional, not `X | None`: fastclr.config's parser recognizes typing.Union only
+    fraction: Optional[float] = option(  # noqa: UP045
+        None, "seeded class-balanced label fraction, >= 1 per class; none = off", gt=0, le=1)
+    seed: int = option(0, "seed of the fraction draw", ge=0)
+
+
+@dataclass
+class TrainRunConfig(BaseRunConfig):
+    """The ``run`` section of finetune / distill / linear_eval: pretrain's shared fields, other
+    defaults, and val evaluation instead of k-NN."""
+    out_dir: str = option("runs/finetune", "run directory: config.json, log.jsonl, checkpoints, best.pt")
+    ckpt_every: int = option(1000, "steps between checkpoints (also one after every eval and at the end)", ge=1)
+    keep_last: int = option(2, "rolling checkpoints kept (best.pt is kept apart; 0 = all)", ge=0)
+    val_path: str = option("", "val ImageFolder (empty: the demo val set when data.path is empty, else no eval)")
+    eval_every: int = option(1, "epochs between val evaluations (0 = only at the end)", ge=0)
+    eval_batch_size: int = option(256, "val batch size", ge=1)
+
+
+@dataclass
+class FinetuneConfig:
+    ckpt: str = option("", "pretrain checkpoint (file, or run dir = its newest ckpt), or 'none' = from scratch")
+    zero_init_head: bool = option(True, "zero-initialize the classifier (TF zero_init_logits_layer)")
+    data: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment="finetune"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        base_lr=0.005, lr_scaling="sqrt", weight_decay=0.0, warmup_epochs=0.0, epochs=60,
+        global_batch_size=1024))
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+    run: TrainRunConfig = field(default_factory=TrainRunConfig)
+
+
+@dataclass
+class DistillSection:
+    temperature: float = option(1.0, "temperature tau (paper: 1.0 big-to-small, 0.1 self-distillation)", gt=0)
+    alpha: float = option(0.0, "weight of the cross-entropy on the labelled subset (0 = labels unused)",
+                          ge=0, le=1)
+    student: str = option("model", "student architecture: model.* section, or the teacher's (self-distillation)",
+                          ("model", "teacher"))
+    cache_teacher: bool = option(False, "compute the teacher's logits once (needs data.augment=eval)")
+    teacher_precision: str = option("auto", "teacher forward precision: auto = bf16 on GPU, fp32 on CPU",
+                                    ("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = option("", "fine-tuned teacher: finetune/distill run dir (its best.pt) or checkpoint file")
+    student_ckpt: str = option("", "optional pretrain.py checkpoint (or run dir) the student starts from")
+    zero_init_head: bool = option(False, "zero-initialize the student's classifier")
+    distill: DistillSection = field(default_factory=DistillSection)
+    data: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment="finetune"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # SimCLRv2 distills with the pretraining schedule (LARS, sqrt-scaled lr, wd, batch 4096), 400 epochs.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        base_lr=0.075, lr_scaling="sqrt", weight_decay=1e-4, warmup_epochs=10, epochs=400,
+        global_batch_size=4096))
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+    run: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(out_dir="runs/distill"))
+
+
+@dataclass
+class LinearEvalConfig:
+    ckpt: str = option("", "pretrain.py checkpoint or run dir (or a finetune/distill checkpoint: its backbone)")
+    fast: bool = option(True, "extract features once (centre crop) and train on them; false = network every step")
+    raw_pixels: bool = option(False, "no network: logistic regression on the flattened pixels (fast path)")
+    standardize: bool = option(False, "z-score features with train mean/std (fast path; folded into the layer)")
+    data: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment="finetune"))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(ft_proj_selector=0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        optimizer="sgd", base_lr=0.1, lr_scaling="linear", weight_decay=1e-6, momentum=0.9, warmup_epochs=0.0,
+        epochs=90, global_batch_size=4096))
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+    run: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(out_dir="runs/linear_eval"))
 
 
 # ----------------------------------------------------------------------------- machinery

@@ -20,7 +20,7 @@ distillation, 0.1 for self-distillation (the presets).
 
 ``--distill.cache_teacher=true`` (needs ``data.augment=eval``: without augmentation the teacher's
 logits never change) runs the teacher once over the data set in order and reads its logits by sample
-id (``loader.last_indices``) afterwards: one teacher pass in all instead of one per epoch. The cache
+id (``loader.last_used_indices``) afterwards: one teacher pass in all instead of one per epoch. The cache
 holds N x classes values on the training device.
 
 Output: like finetune.py (config.json, log.jsonl, ckpt_*.pt, best.pt with ``arch``), so a student can
@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Any
 
 if __package__ in (None, ""):  # `python fastclr/distill.py` / torchrun put fastclr/ first on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,85 +39,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastclr import config as C
-from fastclr import dist, runtime
-from fastclr.config import option
-from fastclr.finetune import (
-    SubsetConfig,
-    TrainRunConfig,
-    arch_of,
-    build_classifier,
-    build_loader,
-    check_subset_honoured,
-    classifier_optimizer,
-    dataset_classes,
-    eval_loader,
-    fit,
-    list_length,
-    load_classifier,
-    load_pretrained,
-    resolve_subset_list,
-)
+from fastclr import dist, presets, runtime
+from fastclr.classifier import arch_of, build_classifier, load_classifier, load_pretrained, train_classifier
+from fastclr.config import DistillConfig
+from fastclr.labels import build_loader, dataset_classes, make_subset, train_loader, val_loader
 from fastclr.losses import distill_loss
+from fastclr.optimizers import classifier_optimizer
 from fastclr.runtime import UserError
 from loaders import subsets
-from loaders.common import LoaderConfig
+from loaders.files import count_list
 
 PROG = "distill.py"
-
-
-@dataclass
-class DistillSection:
-    temperature: float = option(1.0, "temperature tau (paper: 1.0 big-to-small, 0.1 self-distillation)", gt=0)
-    alpha: float = option(0.0, "weight of the cross-entropy on the labelled subset (0 = labels unused)",
-                          ge=0, le=1)
-    student: str = option("model", "student architecture: model.* section, or the teacher's (self-distillation)",
-                      ("model", "teacher"))
-    cache_teacher: bool = option(False, "compute the teacher's logits once (needs data.augment=eval)")
-    teacher_precision: str = option("auto", "teacher forward precision: auto = bf16 on GPU, fp32 on CPU",
-                                ("auto", "fp32", "bf16", "fp16"))
-
-
-@dataclass
-class DistillConfig:
-    teacher: str = option("", "fine-tuned teacher: finetune/distill run dir (its best.pt) or checkpoint file")
-    student_ckpt: str = option("", "optional pretrain.py checkpoint (or run dir) the student starts from")
-    zero_init_head: bool = option(False, "zero-initialize the student's classifier")
-    distill: DistillSection = field(default_factory=DistillSection)
-    data: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment="finetune"))
-    model: C.ModelConfig = field(default_factory=C.ModelConfig)
-    # SimCLRv2 distills with the pretraining schedule (LARS, sqrt-scaled lr, wd, batch 4096), 400 epochs.
-    optim: C.OptimConfig = field(default_factory=lambda: C.OptimConfig(
-        base_lr=0.075, lr_scaling="sqrt", weight_decay=1e-4, warmup_epochs=10, epochs=400,
-        global_batch_size=4096))
-    subset: SubsetConfig = field(default_factory=SubsetConfig)
-    run: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(out_dir="runs/distill"))
-
-
-_IMAGENET_D = {
-    "data.image_size": 224, "data.augment": "finetune", "data.dtype": "bfloat16", "data.num_workers": 8,
-    "optim.global_batch_size": 4096, "optim.base_lr": 0.075, "optim.lr_scaling": "sqrt",
-    "optim.weight_decay": 1e-4, "optim.warmup_epochs": 10, "optim.epochs": 400,
-    "run.eval_batch_size": 500, "run.eval_every": 10, "run.ckpt_every": 2500,
-}
-# Demo: Fashion-MNIST 32px on CPU; two passes over the 60k unlabeled train images (one pass left the
-# fresh R18 student 1.2 points under its 1 %-label teacher: 76.0 vs 77.2, make semisup 2026-11-28).
-_DEMO_D = {
-    "data.path": "", "data.image_size": 32, "data.augment": "finetune", "data.num_workers": 2,
-    "data.dtype": "float32", "model.depth": 18, "model.width": 1, "model.cifar_stem": False,
-    "optim.global_batch_size": 256, "optim.base_lr": 0.3, "optim.lr_scaling": "linear",
-    "optim.weight_decay": 1e-6, "optim.warmup_epochs": 0.1, "optim.epochs": 2,
-    "run.device": "cpu", "run.precision": "fp32", "run.log_every": 10, "run.eval_batch_size": 500,
-}
-DISTILL_PRESETS: dict[str, dict[str, Any]] = {
-    "imagenet_distill": {**_IMAGENET_D, "model.name": "r50_1x_sk0", "distill.temperature": 1.0,
-                         "run.out_dir": "runs/distill"},
-    "imagenet_self_distill": {**_IMAGENET_D, "distill.student": "teacher", "distill.temperature": 0.1,
-                              "run.out_dir": "runs/self_distill"},
-    "demo_distill": {**_DEMO_D, "distill.temperature": 1.0, "run.out_dir": "runs/demo_distill"},
-    "demo_self_distill": {**_DEMO_D, "distill.student": "teacher", "distill.temperature": 0.1,
-                          "run.out_dir": "runs/demo_self_distill"},
-}
 
 
 # ----------------------------------------------------------------------------- the step
@@ -143,11 +73,9 @@ def distill_step(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor,
 
 
 def batch_ids(loader) -> np.ndarray:
-    """Sample ids of the images in the loader's last batch. The torch backend replaces an unreadable
-    image by the next readable one (``last_used_indices``); DALI and FFCV never hold a bad file
-    (validated list, converter), so there the batch's ids are ``last_indices``."""
-    used = getattr(loader, "last_used_indices", None)
-    return np.asarray(loader.last_indices if used is None else used)
+    """Sample ids of the images in the loader's last batch: ``last_used_indices`` (the torch backend
+    replaces an unreadable image by the next readable one; the others never hold a bad file)."""
+    return np.asarray(loader.last_used_indices)
 
 
 @torch.no_grad()
@@ -189,7 +117,7 @@ def known_labels(loader, train_path: str, entries, indices, device) -> torch.Ten
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv=None) -> int:
-    return runtime.run_entry(PROG, DistillConfig, DISTILL_PRESETS, __doc__, train, argv)
+    return runtime.run_entry(PROG, DistillConfig, presets.DISTILL, __doc__, train, argv)
 
 
 def train(cfg: DistillConfig) -> int:
@@ -199,14 +127,15 @@ def train(cfg: DistillConfig) -> int:
         raise UserError("give --teacher=PATH: a finetune.py (or distill.py) run directory or checkpoint")
     if d.cache_teacher and cfg.data.augment != "eval":
         raise UserError("distill.cache_teacher=true needs data.augment=eval (augmented views change)")
-    rank, world, device, dtype, per_rank, train_path, val_path, _, out_dir, ckpts = runtime.start_run(cfg)
+    run = runtime.start_run(cfg)
+    device = run.device
     t_dtype = runtime.resolve_precision(d.teacher_precision, device)
 
     # ------------------------------------------------------------------ teacher
     t_file, teacher, t_state = load_classifier(cfg.teacher)
-    classes = dataset_classes(train_path)
+    classes = dataset_classes(run.train_path)
     if list(t_state.get("classes", classes)) != list(classes):
-        raise UserError(f"the teacher {t_file} was trained on other classes than those of {train_path}")
+        raise UserError(f"the teacher {t_file} was trained on other classes than those of {run.train_path}")
     teacher = teacher.to(device).eval().requires_grad_(False)
     if cfg.model.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
@@ -235,55 +164,43 @@ def train(cfg: DistillConfig) -> int:
                 f"tau {d.temperature}, alpha {d.alpha}")
 
     # ------------------------------------------------------------------ data: every train image
-    data_cfg = dataclasses.replace(cfg.data, path=train_path, batch_size=per_rank, train=True,
-                                   seed=cfg.run.seed, dtype=runtime.DTYPE_NAME[dtype])
-    loader = build_loader(data_cfg, rank, world, device)
-    if cfg.data.file_list:  # a restricted unlabeled set: make sure the backend applied it
-        check_subset_honoured(loader, list_length(cfg.data.file_list), world, per_rank, cfg.data.backend)
-    vloader = None
-    if val_path and dist.is_main():
-        vloader = eval_loader(val_path, cfg.data, cfg.run.eval_batch_size, device)
-    if vloader is not None and vloader.classes != classes:
-        raise UserError(f"val classes of {val_path} differ from the train classes of {train_path}")
+    # (a data.file_list restricts the unlabeled set: the loader is checked to apply it)
+    n_listed = count_list(cfg.data.file_list) if cfg.data.file_list else None
+    loader = train_loader(cfg, run, cfg.data.file_list, n_listed)
+    vloader = val_loader(cfg, run, classes)
 
     labels_of = None
     if d.alpha > 0:
-        if cfg.subset.list or cfg.subset.fraction is not None:
-            try:
-                entries, indices = subsets.make_subset(
-                    train_path, resolve_subset_list(cfg.subset.list) if cfg.subset.list else None,
-                    cfg.subset.fraction, cfg.subset.seed)
-            except (subsets.SubsetError, FileNotFoundError) as e:
-                raise UserError(str(e)) from None
-            if dist.is_main():
-                subsets.write_list(entries, os.path.join(out_dir, "labels_subset.txt"))
-        else:
+        if not (cfg.subset.list or cfg.subset.fraction is not None):
             raise UserError("distill.alpha > 0 needs the labelled subset: --subset.list or --subset.fraction")
-        labels_of = known_labels(loader, train_path, entries, indices, device)
+        entries, indices = make_subset(run.train_path, cfg.subset)
+        if dist.is_main():
+            subsets.write_list(entries, os.path.join(run.out_dir, "labels_subset.txt"))
+        labels_of = known_labels(loader, run.train_path, entries, indices, device)
         dist.print0(f"{PROG}: {len(entries)} labelled images add alpha * cross-entropy")
 
     cache = None
     if d.cache_teacher:
         # Same data, same (eval) recipe, in order: each sample's logits once, read back by sample id.
-        cache_cfg = dataclasses.replace(data_cfg, train=False, batch_size=cfg.run.eval_batch_size)
-        n = len(getattr(loader, "samples", None) or subsets.read_manifest(train_path)[0])
-        cache_cfg = dataclasses.replace(cache_cfg, batch_size=max(1, min(cache_cfg.batch_size, n)))
+        n = len(getattr(loader, "samples", None) or subsets.read_manifest(run.train_path)[0])
+        cache_cfg = dataclasses.replace(loader.cfg, train=False, batch_size=max(1, min(cfg.run.eval_batch_size, n)))
         cache = cache_logits(teacher, build_loader(cache_cfg, 0, 1, device), n, len(classes), device, t_dtype)
         dist.print0(f"{PROG}: cached the teacher's logits of {n} images (no teacher pass while training)")
 
-    def loss_fn(fwd, batch):
-        x = batch.views[0]
+    def loss_fn(forward, batch):
         ids = None
         if cache is not None or labels_of is not None:
             ids = torch.as_tensor(batch_ids(loader), device=device)
         cached = cache[ids] if cache is not None else None
         labels = labels_of[ids] if labels_of is not None else None
-        return distill_step(fwd, teacher, x, d.temperature, labels, d.alpha, cached, t_dtype)
+        loss, agree = distill_step(forward, teacher, batch.views[0], d.temperature, labels, d.alpha, cached, t_dtype)
+        return loss, {"train_acc": agree}
 
-    return fit(PROG, cfg, student, arch, classes, loss_fn, loader, vloader, bool(val_path), device, dtype,
-               per_rank, world, ckpts, extra_log={"teacher": t_file, "init": source, "temperature": d.temperature,
-                                           "alpha": d.alpha},
-               make_optimizer=classifier_optimizer(cfg.optim))
+    # ------------------------------------------------------------------ the loop
+    return train_classifier(PROG, cfg, run, student, arch, classes, loss_fn, loader, vloader,
+                            classifier_optimizer(cfg.optim),
+                            extra_log={"teacher": t_file, "init": source, "temperature": d.temperature,
+                                       "alpha": d.alpha})
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from fastclr import checkpoint as ckpt
-from loaders.files import atomic_write
 from fastclr.models import build_backbone, model_name, parse_model_name
+from loaders.files import atomic_write
 
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile

@@ -5,7 +5,6 @@ Used at the end of pretraining to show that learning happened: the same k-NN on 
 for the trained backbone and for that backbone at its random initialization."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
@@ -16,28 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import loaders
+from fastclr.metrics import extract
 from loaders.common import list_image_folder
-
-
-@torch.no_grad()
-def extract(backbone, loader, device, dtype, channels_last=True):
-    """(features [N, C] float32 L2-normalized, labels [N]) over one pass of an eval loader.
-    ``backbone=None``: the centred pixels of the eval crop (a raw-pixel k-NN reference)."""
-    if backbone is not None:
-        backbone.eval()
-    feats, labels = [], []
-    for batch in loader:
-        x = batch.views[0]
-        if backbone is None:  # the raw-pixel reference: the eval crop itself, flattened
-            h = x.flatten(1) - x.flatten(1).mean(1, keepdim=True)
-        else:
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()):
-                h = backbone(x)
-        feats.append(F.normalize(h.float(), dim=1))
-        labels.append(batch.labels)
-    return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()
@@ -85,9 +64,12 @@ def knn_report(backbone, init_state: Optional[Dict[str, torch.Tensor]], train_pa
         return loaders.build(c, rank=0, world_size=1, device=device)
 
     def score(net):
-        tf, ty = extract(net, loader_for("train", train_path), device, dtype, cfg.model.channels_last)
-        vf, vy = extract(net, loader_for("val", val_path), device, dtype, cfg.model.channels_last)
-        return knn_top1(tf, ty, vf, vy)
+        """k-NN top-1 of a backbone's features (None: the raw pixels), L2-normalized (cosine)."""
+        if net is not None:
+            net.eval()
+        (tf, ty), (vf, vy) = (extract(net, loader_for(split, path), device, dtype, cfg.model.channels_last)
+                              for split, path in (("train", train_path), ("val", val_path)))
+        return knn_top1(F.normalize(tf, dim=1), ty, F.normalize(vf, dim=1), vy)
 
     # Three scores on the same images: the trained backbone, the same backbone at its random init
     # (BN with its initial running statistics, so its features are nearly degenerate), and raw pixels.

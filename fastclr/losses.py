@@ -244,6 +244,22 @@ def contrastive_accuracy(z1: torch.Tensor, z2: torch.Tensor, chunk: int = DEFAUL
         return (pos_logit > best_other).to(dtype).mean()
 
 
+def contrastive_loss(temperature: float, chunk_size: int | None = None, queue: "MomentumQueue | None" = None):
+    """The pretraining loss as the trainer's ``loss_fn(forward, batch) -> (loss, metrics)``: both views
+    through the model in one pass, NT-Xent on the projections (the queue's keys as extra negatives),
+    multiplied by 2 to be TF's objective: ``loss_a + loss_b`` averaged over images is twice our mean over
+    the 2B anchors, and with LARS the factor sets the size of weight decay relative to the gradient and
+    the update of the non-adapted BN/bias parameters. Metrics: TF's contrast_acc and the strict one."""
+    def loss_fn(forward, batch):
+        _, z = forward(batch.views)
+        z1, z2 = z.float().chunk(2)
+        negatives = queue.negatives() if queue is not None else None
+        loss, acc_all = nt_xent(z1, z2, temperature, chunk_size=chunk_size, extra_negatives=negatives,
+                                return_accuracy=True)
+        return 2.0 * loss, {"contrastive_acc": contrastive_accuracy(z1, z2), "contrastive_acc_all": acc_all}
+    return loss_fn
+
+
 # ----------------------------------------------------------------------------- memory queue
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
@@ -16,9 +17,7 @@ import torch
 
 from fastclr import checkpoint as ckpt
 from fastclr import dist
-
-PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+from loaders.common import dtype_name, parse_dtype  # noqa: F401  (dtype_name: re-exported for the scripts)
 
 
 class UserError(Exception):
@@ -95,13 +94,13 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         name = "bf16" if device.type == "cuda" else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise UserError("run.precision=fp16 needs a GPU (use fp32 or bf16 on CPU)")
-    return PRECISION_DTYPE[name]
+    return parse_dtype(name)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -137,16 +136,13 @@ def resolve_data_path(path: str, backend: str, val_path: str = "") -> Tuple[str,
     if backend == "ffcv":
         raise UserError("the demo data set is an ImageFolder: use data.backend=torch or dali, or give data.path=<.beton>")
     from loaders import demo_data
-    root = None
-    if dist.is_main():
+    if dist.is_main():  # rank 0 prepares it on first use while the others wait
         try:
-            root = demo_data.prepare()
+            demo_data.prepare()
         except demo_data.DemoDataError as e:
             raise UserError(str(e)) from None
     dist.barrier()
-    if root is None:
-        root = demo_data.prepare(progress=False)   # already complete: returns at once
-    return str(root / "train"), val_path or str(root / "val"), True
+    return demo_data.resolve("", "train"), val_path or demo_data.resolve("", "val"), True
 
 
 class JsonlLog:
@@ -176,30 +172,37 @@ def gpu_memory_gb(device: torch.device) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate; a tensor lr (a captured step's) is filled in place."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = lr
 
 
 class LogWindow(NamedTuple):
     """What StepMeter.read() measured since the previous read."""
     loss: float       # mean loss per step
-    acc: float        # mean accuracy per step
     steps: int
     seconds: float
     data_wait: float  # share of the time blocked on the loader
-    extra: dict = {}  # mean per step of every other metric given to add()
+    metrics: dict     # mean per step of every metric given to add(), by name
+
+    @property
+    def acc(self) -> float:
+        """The metric given to add() as ``acc`` (the first one)."""
+        return next(iter(self.metrics.values()))
 
 
 class StepMeter:
-    """The training loops' bookkeeping between two logs (pretrain.py, finetune.fit): loss and accuracy
-    sums kept on the device, the first step with a non-finite loss (a device-side ``torch.where``), and
-    the time spent blocked on the loader. ``read()`` is the one host sync, every log_every steps."""
+    """The training loop's bookkeeping between two logs: loss and metric sums kept on the device, the
+    first step with a non-finite loss (a device-side ``torch.where``), and the time spent blocked on
+    the loader. ``read()`` is the one host sync, every log_every steps."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.loss_sum = torch.zeros((), device=device)
-        self.acc_sum = torch.zeros((), device=device)
-        self.extra_sums: dict = {}
+        self.sums: dict = {}
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self._restart()
 
@@ -213,15 +216,16 @@ class StepMeter:
         self.wait_s += time.perf_counter() - t
         return batch
 
-    def add(self, step: int, loss: torch.Tensor, acc: torch.Tensor, **extra: torch.Tensor) -> None:
+    def add(self, step: int, loss: torch.Tensor, acc: Optional[torch.Tensor] = None, **metrics: torch.Tensor) -> None:
         """Step ``step`` (counted as in log.jsonl: the first step is 1) ended with these values."""
         loss = loss.detach()
         self.loss_sum += loss
-        self.acc_sum += acc.detach()
-        for k, v in extra.items():
-            if k not in self.extra_sums:
-                self.extra_sums[k] = torch.zeros((), device=self.device)
-            self.extra_sums[k] += v.detach()
+        if acc is not None:
+            metrics = {"acc": acc, **metrics}
+        for k, v in metrics.items():
+            if k not in self.sums:
+                self.sums[k] = torch.zeros((), device=self.device)
+            self.sums[k] += v.detach()
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss),
                                      torch.full_like(self.first_bad, step), self.first_bad)
         self.n += 1
@@ -237,10 +241,10 @@ class StepMeter:
             raise SystemExit(f"{prog}: non-finite loss at step {bad}{lr}; stopping. {where}. "
                              "Lower optim.lr or check the data, then --run.resume=auto.")
         dt = time.perf_counter() - self.t0
-        sums = torch.stack([self.loss_sum, self.acc_sum, *self.extra_sums.values()]) / self.n
-        loss, acc, *extra = sums.tolist()  # the one host sync of the window
-        out = LogWindow(loss, acc, self.n, dt, min(self.wait_s / dt, 1.0), dict(zip(self.extra_sums, extra)))
-        for t in (self.loss_sum, self.acc_sum, *self.extra_sums.values()):
+        sums = torch.stack([self.loss_sum, *self.sums.values()]) / self.n
+        loss, *means = sums.tolist()  # the one host sync of the window
+        out = LogWindow(loss, self.n, dt, min(self.wait_s / dt, 1.0), dict(zip(self.sums, means)))
+        for t in (self.loss_sum, *self.sums.values()):
             t.zero_()
         self._restart()
         return out
@@ -255,15 +259,17 @@ def per_rank_batch(global_batch: int, grad_accum: int, world: int, minimum: int 
     return per_rank
 
 
-class Run(NamedTuple):
+@dataclass
+class Run:
+    """What ``start_run`` resolved for a training script."""
     rank: int
     world: int
     device: torch.device
-    dtype: torch.dtype
-    per_rank: int          # images per rank per micro-step
+    dtype: torch.dtype         # the training precision (autocast dtype; float32 = none)
+    per_rank: int              # images per rank per micro-step
     train_path: str
-    val_path: str
-    is_demo: bool
+    val_path: str              # '' = no validation set
+    is_demo: bool              # data.path was empty: the embedded Fashion-MNIST set
     out_dir: str
     ckpts: ckpt.RunCheckpoints
 

@@ -29,8 +29,16 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .common import (Batch, LoaderConfig, check_batch_fits, list_image_folder, parse_dtype, read_file_list,
-                     shard_indices, steps_per_epoch)
+from .common import (
+    Batch,
+    LoaderConfig,
+    check_batch_fits,
+    list_image_folder,
+    parse_dtype,
+    read_file_list,
+    shard_indices,
+    steps_per_epoch,
+)
 from .spec import AugmentSpec
 
 log = logging.getLogger(__name__)

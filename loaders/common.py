@@ -96,13 +96,22 @@ class LoaderConfig:
     batches_ahead: int = option(3, "ffcv: batches prepared ahead", ge=1)
 
 
+# The names fastclr accepts for a tensor dtype (data.dtype, run.precision), and the canonical one.
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16"}
+
+
 def parse_dtype(name: str):
+    """``"bf16"`` / ``"bfloat16"`` / ... -> the torch dtype."""
     import torch
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
+    if name not in _DTYPE_NAMES:
         raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
-    return table[name]
+    return getattr(torch, _DTYPE_NAMES[name])
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (what data.dtype takes)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def find_classes(root: str | os.PathLike) -> List[str]:

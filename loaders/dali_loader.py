@@ -48,10 +48,10 @@ from contextlib import nullcontext
 from typing import Dict, List, Sequence
 
 import numpy as np
+import nvidia.dali.math as dmath
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.tensors import TensorGPU
-import nvidia.dali.math as dmath
 
 from . import augment
 from .base import BaseLoader, resolve_samples

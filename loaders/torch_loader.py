@@ -43,11 +43,9 @@ import torch
 
 from . import augment
 from .base import BaseLoader, resolve_samples
-from .decode import cv2, decode_rgb  # noqa: F401  (decode_rgb: also this module's public name)
 from .common import Batch, DataError, LoaderConfig, derive_seed, seed_words, shard_indices
+from .decode import cv2, decode_rgb  # noqa: F401  (decode_rgb: also this module's public name)
 from .spec import AugmentSpec
-
-
 
 # ----------------------------------------------------------------------------------------------
 # Decoding (worker side)

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from fastclr import config as C
-from fastclr.config import ConfigError, PRETRAIN_PRESETS, PretrainConfig
+from fastclr.config import ConfigError, PretrainConfig
+from fastclr.presets import PRETRAIN as PRETRAIN_PRESETS
 
 
 def parse(argv):
@@ -103,7 +104,8 @@ def test_json_dump_roundtrip_and_derived_values_not_written(tmp_path):
 
 
 def test_cli_exit_codes_and_stderr():
-    code = "from fastclr import config as C; C.parse(C.PretrainConfig, None, C.PRETRAIN_PRESETS, prog='pretrain.py')"
+    code = ("from fastclr import config as C, presets; "
+            "C.parse(C.PretrainConfig, None, presets.PRETRAIN, prog='pretrain.py')")
     bad = subprocess.run([sys.executable, "-c", code, "--optim.lrr=1"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "pretrain.py: error: unknown option --optim.lrr; did you mean --optim.lr?"

@@ -9,8 +9,10 @@ import torch
 
 import loaders
 from fastclr import checkpoint as ck
+from fastclr import classifier
+from fastclr import config as C
 from fastclr import distill as ds
-from fastclr import finetune as ft
+from fastclr import presets
 
 ARCH = dict(depth=18, width=1, sk_ratio=0.0, cifar_stem=False, num_proj_layers=2, proj_out_dim=16,
             ft_proj_selector=1, num_classes=5)
@@ -30,8 +32,8 @@ def reference_loss(s, t, tau, labels=None, alpha=0.0):
 
 def nets(seed=0):
     torch.manual_seed(seed)
-    teacher = ft.build_classifier(ARCH, 5, zero_init=False).eval().requires_grad_(False)
-    student = ft.build_classifier({**ARCH, "ft_proj_selector": 0}, 5, zero_init=False).train()
+    teacher = classifier.build_classifier(ARCH, 5, zero_init=False).eval().requires_grad_(False)
+    student = classifier.build_classifier({**ARCH, "ft_proj_selector": 0}, 5, zero_init=False).train()
     with torch.no_grad():  # a teacher with confident, non-uniform outputs
         teacher.fc.weight.normal_(0, 1.0)
     return teacher, student
@@ -104,7 +106,7 @@ def test_cached_logits_follow_the_images_actually_used(mixed_folder):
 def test_presets_follow_the_paper_temperatures():
     for name, tau in [("imagenet_distill", 1.0), ("demo_distill", 1.0),
                       ("imagenet_self_distill", 0.1), ("demo_self_distill", 0.1)]:
-        cfg = ds.C.parse_into(ds.DistillConfig(), [name], ds.DISTILL_PRESETS)
+        cfg = C.parse_into(C.DistillConfig(), [name], presets.DISTILL)
         assert cfg.distill.temperature == tau
         assert cfg.distill.student == ("teacher" if "self" in name else "model")
         assert cfg.data.augment == "finetune"   # one crop + flip view shared by teacher and student
@@ -114,7 +116,7 @@ def teacher_run(tmp_path, image_folder):
     """A finetune.py-style run directory (best.pt with arch and classes) holding a random teacher."""
     torch.manual_seed(1)
     arch = {**ARCH, "num_classes": 4}
-    model = ft.build_classifier(arch, 4, zero_init=False)
+    model = classifier.build_classifier(arch, 4, zero_init=False)
     ck.save(tmp_path / "teacher" / "best.pt", {"model": model.state_dict(), "arch": arch, "step": 0,
                                                "classes": [f"n{c:08d}" for c in range(4)]})
     return tmp_path / "teacher"

@@ -8,7 +8,9 @@ import torch
 
 from fastclr import checkpoint as ck
 from fastclr import config as C
+from fastclr import classifier
 from fastclr import finetune as ft
+from fastclr.runtime import UserError
 from fastclr.models import build_model
 
 ARCH = dict(depth=18, width=1, sk_ratio=0.0, cifar_stem=False, num_proj_layers=3, proj_out_dim=16)
@@ -36,10 +38,10 @@ def fake_pretrain_ckpt(path, seed=0, **arch):
 @pytest.mark.parametrize("k", [0, 1, 2, 3, -1])
 def test_head_is_cut_at_layer_k(tmp_path, k):
     pre = fake_pretrain_ckpt(tmp_path / "ckpt_00000001.pt")
-    file, state, mcfg = ft.load_pretrained(str(tmp_path))  # a run dir -> its newest checkpoint
+    file, state, mcfg = classifier.load_pretrained(str(tmp_path))  # a run dir -> its newest checkpoint
     assert file.endswith("ckpt_00000001.pt")
-    arch = {**ft.arch_of(mcfg), "ft_proj_selector": k}
-    clf = ft.build_classifier(arch, num_classes=7, pretrained=state, zero_init=True)
+    arch = {**classifier.arch_of(mcfg), "ft_proj_selector": k}
+    clf = classifier.build_classifier(arch, num_classes=7, pretrained=state, zero_init=True)
     kk = 3 if k == -1 else k
     dims = pre.head.layer_dims  # [512, 512, 512, 16]
     assert len(clf.neck) == kk
@@ -63,8 +65,8 @@ def test_head_is_cut_at_layer_k(tmp_path, k):
 
 
 def test_ft_proj_selector_out_of_range_is_a_user_error():
-    with pytest.raises(ft.UserError, match="out of range"):
-        ft.build_classifier({**ARCH, "ft_proj_selector": 4}, 3)
+    with pytest.raises(UserError, match="out of range"):
+        classifier.build_classifier({**ARCH, "ft_proj_selector": 4}, 3)
 
 
 TINY = ["--data.image_size=32", "--data.num_workers=0", "--optim.global_batch_size=4", "--run.progress=false",
@@ -93,7 +95,7 @@ def test_short_run_subset_eval_best_and_exact_resume(tmp_path, image_folder):
     assert best["arch"]["ft_proj_selector"] == 1 and best["arch"]["num_classes"] == 4
     assert best["val"]["top1"] == max(r["top1"] for r in evals)
     # the fine-tuned model reloads (the teacher path of distill.py)
-    _, model, _ = ft.load_classifier(str(tmp_path / "a"))
+    _, model, _ = classifier.load_classifier(str(tmp_path / "a"))
     assert model.fc.out_features == 4
 
     # exact resume: a run dir holding only the step-4 checkpoint (mid-epoch 2) of that run, resumed with

@@ -8,7 +8,9 @@ import torch
 from test_finetune import fake_pretrain_ckpt
 
 from fastclr import checkpoint as ck
+from fastclr import config as C
 from fastclr import linear_eval as le
+from fastclr.optimizers import linear_sgd
 
 TINY = ["--data.image_size=32", "--data.num_workers=0", "--optim.global_batch_size=8", "--run.progress=false",
         "--run.device=cpu", "--run.precision=fp32", "--run.eval_batch_size=24", "--run.log_every=1"]
@@ -51,13 +53,13 @@ def test_fast_path_equals_slow_path_without_augmentation(tmp_path, image_folder,
 
 
 def test_recipe_is_tf_linear_eval():
-    cfg = le.LinearEvalConfig()
+    cfg = C.LinearEvalConfig()
     o = cfg.optim
     got = (o.optimizer, o.base_lr, o.lr_scaling, o.weight_decay, o.epochs, o.global_batch_size,
            o.warmup_epochs)
     assert got == ("sgd", 0.1, "linear", 1e-6, 90, 4096, 0.0)
     assert cfg.model.ft_proj_selector == 0 and cfg.fast
-    opt = le.make_sgd(o)(torch.nn.Linear(3, 2), 1.6)
+    opt = linear_sgd(o)(torch.nn.Linear(3, 2), 1.6)
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
     assert opt.defaults["weight_decay"] == 1e-6
 

@@ -120,11 +120,9 @@ def test_out_of_range_options_are_one_line_errors(entry, arg, needle, capsys):
 def test_presets_and_defaults_are_in_range():
     """Every preset of every entry point passes the same checks as the command line."""
     from fastclr import config as C
-    from fastclr.distill import DISTILL_PRESETS, DistillConfig
-    from fastclr.finetune import FINETUNE_PRESETS, FinetuneConfig
-    from fastclr.linear_eval import LINEAR_PRESETS, LinearEvalConfig
-    for cls, presets in ((C.PretrainConfig, C.PRETRAIN_PRESETS), (FinetuneConfig, FINETUNE_PRESETS),
-                         (DistillConfig, DISTILL_PRESETS), (LinearEvalConfig, LINEAR_PRESETS)):
+    from fastclr import presets as P
+    for cls, presets in ((C.PretrainConfig, P.PRETRAIN), (C.FinetuneConfig, P.FINETUNE),
+                         (C.DistillConfig, P.DISTILL), (C.LinearEvalConfig, P.LINEAR)):
         for name in presets:
             C.parse_into(cls(), [name], presets)
         C.from_dict(cls, C.to_dict(cls()))  # the defaults, through the checked setter

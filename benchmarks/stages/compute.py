@@ -8,10 +8,12 @@ import time
 import torch
 
 from benchmarks.peers import LIGHTLY_MISSING, NaiveLARS, importable
-from benchmarks.plan import DTYPES, K
+from benchmarks.plan import K
 from benchmarks.rows import err, ok_stage, row, skipped_row
 from benchmarks.stages.bench import Bench
-from benchmarks.timing import autocast, free, peak_memory, sync, timed
+from benchmarks.timing import free, peak_memory, sync, timed
+from fastclr.runtime import autocast
+from loaders.common import parse_dtype
 
 
 def stage_model(b: Bench):
@@ -21,7 +23,7 @@ def stage_model(b: Bench):
     B = p.model_batch
     for arch in p.archs:
         for dname in p.dtypes:
-            dtype = DTYPES[dname]
+            dtype = parse_dtype(dname)
             for compiled in (False, True):
                 name = f"{arch} {dname}" + (" compiled" if compiled else "")
                 if compiled and (dname != p.dtypes[0] or (p.compile and arch != p.archs[0])):

@@ -8,18 +8,19 @@ import time
 import torch
 
 from benchmarks.backends import batches, build_fastclr_loader, close_loader, loader_variants
-from benchmarks.plan import DTYPE_NAME, DTYPES, K
+from benchmarks.plan import K
 from benchmarks.rows import err, ok_stage, row, skipped_row
 from benchmarks.stages.bench import Bench
 from benchmarks.timing import free, sync, timed
 from benchmarks.train_step import make_train_step
+from loaders.common import dtype_name, parse_dtype
 
 
 def stage_step(b: Bench):
     p = b.plan
     B = p.step_batch
     dname = p.dtypes[0]
-    step, _ = make_train_step(p.step_arch, b.device, DTYPES[dname])
+    step, _ = make_train_step(p.step_arch, b.device, parse_dtype(dname))
     views = [torch.rand(B, 3, p.size, p.size, device=b.device).contiguous(memory_format=torch.channels_last)
              for _ in range(K)]
     dt = timed(lambda: step(views), b.device, 1, p.step_iters)
@@ -35,9 +36,9 @@ def stage_e2e(b: Bench):
     B = p.e2e_batch
     dname = p.dtypes[0]
     rows = []
-    step, _ = make_train_step(p.e2e_arch, b.device, DTYPES[dname])
+    step, _ = make_train_step(p.e2e_arch, b.device, parse_dtype(dname))
     for name, backend, extra in loader_variants(b.args, b.device):
-        loader, why = build_fastclr_loader(backend, b.data, p, b.device, B, DTYPE_NAME[dname], extra)
+        loader, why = build_fastclr_loader(backend, b.data, p, b.device, B, dtype_name(parse_dtype(dname)), extra)
         if loader is None:
             rows.append(skipped_row(name, why, backend=backend))
             continue

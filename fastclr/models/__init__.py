@@ -43,6 +43,7 @@ __all__ = [
     "build_backbone",
     "build_model",
     "convert_sync_bn",
+    "model_kwargs",
     "model_name",
     "parse_model_name",
 ]
@@ -94,6 +95,15 @@ def build_model(
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = bn_momentum
     return model
+
+
+def model_kwargs(m) -> dict:
+    """``build_model`` arguments of a ``fastclr.config.ModelConfig``: a named preset (``m.name``, e.g.
+    r50_1x_sk0) sets depth/width/sk_ratio, else the fields do."""
+    kw = dict(depth=m.depth, width=m.width, sk_ratio=m.sk_ratio)
+    if m.name:
+        kw.update(parse_model_name(m.name))
+    return dict(**kw, cifar_stem=m.cifar_stem, num_proj_layers=m.num_proj_layers, proj_out_dim=m.proj_out_dim)
 
 
 def convert_sync_bn(model: nn.Module) -> nn.Module:

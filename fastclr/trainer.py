@@ -1,0 +1,244 @@
+"""fastclr's one training loop, shared by pretraining, fine-tuning, distillation and linear evaluation
+(and the benchmark's step): setup around the model, exact resume, the learning-rate schedule, gradient
+accumulation, mixed precision, the finite-check and atomic checkpoints, logging and the summary.
+
+A script describes what differs in a ``Task``: its model, ``loss_fn(forward, batch) -> (loss,
+metrics)``, its optimizer, and optional hooks (after each step, at epoch ends, extra checkpoint
+state). The loop, in order, every optimizer step:
+
+    lr = schedule(step)                           # warmup + cosine (fastclr.schedule), set in place
+    for each of grad_accum micro-batches:
+        batch = next(loader)                      # timed: the data-wait share in the log
+        loss, metrics = loss_fn(forward, batch)   # under autocast (bf16/fp16) when asked
+        backward(loss / grad_accum)               # scaled for fp16
+    optimizer.step(); zero_grad(); after_step(batch)
+    every log_every steps: one host sync, a log.jsonl line (and NaN/inf stops the run)
+    every ckpt_every steps and at the end: check the state is finite, write ckpt_<step>.pt
+
+Steps count from 1 in the log and in checkpoint names (the step just done). A resumed run restores
+model, optimizer, scaler, RNG and the task's state, then positions the loader at the exact batch
+(``set_epoch(epoch, start_step)``), so its batches and augmentations are those of the uninterrupted
+run. Nothing in the hot loop syncs with the host except the log read and the checkpoint check.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fastclr import checkpoint as ckpt
+from fastclr import config as C
+from fastclr import dist, runtime
+from fastclr.models import convert_sync_bn
+from fastclr.runtime import UserError
+from fastclr.schedule import lr_at, scaled_lr
+from loaders.common import Batch
+
+LossFn = Callable[[nn.Module, Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+@dataclass
+class Task:
+    """What a training script plugs into the loop (see the module docstring)."""
+    model: nn.Module                     # unwrapped; the trainer moves it to the device and wraps it
+    loss_fn: LossFn                      # (forward, batch) -> (loss, {name: metric}); first metric in the bar
+    make_optimizer: Callable             # make(model, lr) -> optimizer (fastclr.optimizers)
+    after_step: Callable[[nn.Module, Batch], None] | None = None  # (model, batch): e.g. the memory queue
+    state: dict[str, nn.Module] = field(default_factory=dict)  # extra modules in checkpoints (the queue)
+    checkpoint_fields: Callable[[], dict] | None = None      # extra keys of every checkpoint (arch, best...)
+    load_fields: Callable[[str, dict], None] | None = None  # (path, resumed state): restore / check them
+    on_epoch_end: Callable[[int, int], None] | None = None  # (epochs done, step): e.g. val evaluation
+    eval_every: int = 0                  # epochs between on_epoch_end calls; 0 = only at the end
+
+
+class TrainStep:
+    """One optimizer step over ``grad_accum`` micro-batches (forward under autocast, loss, backward,
+    optimizer, zero_grad, the task's after_step). Used by the Trainer and by the benchmark's step
+    stage, so both time the same code."""
+
+    def __init__(self, model: nn.Module, forward: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+                 device: torch.device, dtype: torch.dtype, grad_accum: int = 1,
+                 after_step: Callable[[nn.Module, Batch], None] | None = None):
+        """``model``: the plain module (what after_step gets); ``forward``: what to call (the model, or its
+        DDP / compiled wrapper)."""
+        self.model, self.forward, self.loss_fn, self.optimizer = model, forward, loss_fn, optimizer
+        self.device, self.dtype, self.grad_accum, self.after_step = device, dtype, grad_accum, after_step
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+
+    def __call__(self, next_batch: Callable[[], Batch]):
+        """Take ``grad_accum`` batches from ``next_batch()``; returns (loss, metrics) of the last one."""
+        for _ in range(self.grad_accum):
+            batch = next_batch()
+            with runtime.autocast(self.device, self.dtype):
+                loss, metrics = self.loss_fn(self.forward, batch)
+            self.scaler.scale(loss / self.grad_accum).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.after_step is not None:
+            self.after_step(self.model, batch)
+        return loss, metrics
+
+
+def wrap_model(model: nn.Module, cfg, run: runtime.Run) -> tuple[nn.Module, nn.Module]:
+    """(model on the device: channels_last, global BN; the forward to call: DDP and/or torch.compile)."""
+    model = model.to(run.device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if run.world > 1 and cfg.model.sync_bn:
+        model = convert_sync_bn(model)  # global BN: statistics over all ranks' images, as in the paper
+    forward = model
+    if run.world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
+    if cfg.model.compile:
+        forward = torch.compile(forward)
+    return model, forward
+
+
+class Trainer:
+    """``Trainer(prog, cfg, run, task, loader).fit()`` trains; ``finish(summary, message)`` writes the
+    ``done`` record and prints the message."""
+
+    def __init__(self, prog: str, cfg, run: runtime.Run, task: Task, loader):
+        self.prog, self.cfg, self.run, self.task, self.loader = prog, cfg, run, task, loader
+        o = cfg.optim
+        self.steps_per_epoch = len(loader) // o.grad_accum
+        if self.steps_per_epoch == 0:
+            raise UserError(f"fewer images than one global batch of {o.global_batch_size}: "
+                            f"lower optim.global_batch_size")
+        self.total_steps = o.epochs * self.steps_per_epoch
+        if cfg.run.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.run.max_steps)
+        self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
+        self.peak_lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, o.global_batch_size, o.lr_scaling)
+        self.model, forward = wrap_model(task.model, cfg, run)
+        for m in task.state.values():
+            m.to(run.device)
+        self.optimizer = task.make_optimizer(self.model, self.peak_lr)
+        self.step_fn = TrainStep(self.model, forward, task.loss_fn, self.optimizer, run.device, run.dtype,
+                                 o.grad_accum, task.after_step)
+        self.ckpts = run.ckpts
+        self.step = 0
+        self.log = runtime.JsonlLog(os.path.join(run.out_dir, "log.jsonl"))
+
+    def lr(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based: the step about to be taken)."""
+        return lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _resume(self) -> None:
+        found = self.ckpts.load_resume()
+        if found is None:
+            if self.cfg.run.resume == "auto":
+                dist.print0(f"{self.prog}: run.resume=auto: no checkpoint in {self.run.out_dir}, starting fresh")
+            return
+        path, state = found
+        if self.task.load_fields is not None:
+            self.task.load_fields(str(path), state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_fn.scaler.load_state_dict(state["scaler"])
+        for name, m in self.task.state.items():
+            if name in state:
+                m.load_state_dict(state[name])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        dist.print0(f"{self.prog}: resumed from {path} at step {self.step}")
+
+    def check_finite(self) -> None:
+        """Stop (NonFiniteState) when the weights or BN buffers hold a NaN/inf. One host sync; on every
+        rank (identical weights), so no rank waits on one that left."""
+        bad = ckpt.first_non_finite(self.model.state_dict())
+        if bad:
+            last = self.ckpts.last
+            where = f"last good checkpoint: {last}" if last else "no good checkpoint written yet"
+            raise ckpt.NonFiniteState(f"non-finite values in model.{bad} after step {self.step}; stopping "
+                                      f"({where}). Lower optim.lr or check the data, then --run.resume=auto")
+
+    def weights_state(self) -> dict[str, Any]:
+        """The model and the task's fields: what best.pt-style files hold."""
+        fields = self.task.checkpoint_fields() if self.task.checkpoint_fields else {}
+        return {"model": self.model.state_dict(), **fields, "step": self.step,
+                "epoch": self.step // self.steps_per_epoch, "config": C.to_dict(self.cfg)}
+
+    def save_checkpoint(self) -> None:
+        tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   **{name: m.state_dict() for name, m in self.task.state.items()}}
+        self.ckpts.save(self.step, lambda: {**self.weights_state(), **tensors,
+                                            "scaler": self.step_fn.scaler.state_dict(),
+                                            "step_in_epoch": self.step % self.steps_per_epoch,
+                                            "rng": ckpt.rng_state()}, tensors)
+        dist.barrier()
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, o, run = self.cfg, self.cfg.optim, self.cfg.run
+        self._resume()
+        dist.print0(f"{self.prog}: {self.run.world} rank(s) on {self.run.device}, {runtime.dtype_name(self.run.dtype)}, "
+                    f"global batch {o.global_batch_size} ({self.run.per_rank}/rank x {o.grad_accum} accum), "
+                    f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {o.optimizer} peak lr "
+                    f"{self.peak_lr:.4g}, wd {o.weight_decay}, data: {cfg.data.backend} {self.run.train_path}")
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.prog.replace(".py", ""), unit="step",
+                   disable=not (dist.is_main() and run.progress), dynamic_ncols=True, mininterval=1.0)
+        self.bar = bar
+        meter = runtime.StepMeter(self.run.device)  # sums on the device: read (a host sync) every log_every
+        first_loss = final_loss = None
+        evaluated_at = -1
+        self.model.train()
+        while self.step < self.total_steps:
+            epoch, skip = divmod(self.step, self.steps_per_epoch)
+            self.loader.set_epoch(epoch, start_step=skip * o.grad_accum)  # exact position after a resume
+            it = iter(self.loader)
+            for _ in range(skip, self.steps_per_epoch):
+                if self.step >= self.total_steps:
+                    break
+                lr = self.lr(self.step)
+                runtime.set_lr(self.optimizer, lr)
+                loss, metrics = self.step_fn(lambda: meter.next_batch(it))
+                self.step += 1
+                meter.add(self.step, loss, **metrics)
+                bar.update(1)
+                if self.step % run.log_every == 0 or self.step == self.total_steps:
+                    w = meter.read(self.prog, self.ckpts.last, lambda s: self.lr(s - 1))
+                    first_loss = w.loss if first_loss is None else first_loss
+                    final_loss = w.loss
+                    ips = w.steps * o.global_batch_size / w.seconds
+                    self.log.write(step=self.step, epoch=epoch, loss=round(w.loss, 5),
+                                   **{k: round(v, 4) for k, v in w.metrics.items()}, lr=lr,
+                                   images_per_s=round(ips, 1), data_wait=round(w.data_wait, 4),
+                                   gpu_mem_gb=runtime.gpu_memory_gb(self.run.device))
+                    shown = {k: f"{v:.2f}" for k, v in list(w.metrics.items())[:1]}
+                    bar.set_postfix(loss=f"{w.loss:.3f}", **shown, lr=f"{lr:.3g}", img_s=f"{ips:.0f}",
+                                    wait=f"{w.data_wait:.0%}")
+                epochs_done, at_epoch_end = divmod(self.step, self.steps_per_epoch)
+                if (self.task.on_epoch_end is not None and at_epoch_end == 0 and self.task.eval_every > 0
+                        and epochs_done % self.task.eval_every == 0):
+                    self.check_finite()
+                    self.task.on_epoch_end(epochs_done, self.step)
+                    evaluated_at = self.step
+                    self.save_checkpoint()
+                elif self.step % run.ckpt_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+        bar.close()
+        if self.task.on_epoch_end is not None and evaluated_at != self.step:
+            self.check_finite()
+            self.task.on_epoch_end(math.ceil(self.step / self.steps_per_epoch), self.step)
+            self.save_checkpoint()
+        return {"step": self.step, "first_loss": first_loss, "final_loss": final_loss,
+                "bad_images_skipped": getattr(self.loader, "num_skipped", 0),
+                "checkpoint": str(self.ckpts.last) if self.ckpts.last else None}
+
+    def finish(self, summary: dict[str, Any], message: str) -> int:
+        """Write the ``done`` record, close the log, print ``message`` with where things are (rank 0)."""
+        self.log.write(event="done", **summary)
+        self.log.close()
+        if dist.is_main():
+            print(f"{self.prog}: done: {message}; logs and checkpoints in {self.run.out_dir}", flush=True)
+        return 0
