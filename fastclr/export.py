@@ -1,6 +1,6 @@
 """Export a fastclr backbone, as a torchvision ResNet state_dict where the architecture allows.
 
-    python -m fastclr.export runs/r50/last.pt r50_backbone.pt
+    python -m fastclr.export runs/r50/ckpt_00500000.pt r50_backbone.pt
     python -m fastclr.export weights.pt out.pt --depth 50 --width 1 --sk-ratio 0   # bare state_dict
 
 fastclr's module names are torchvision's, so a width-1, non-SK, ImageNet-stem ResNet-18/34/50/101/152
@@ -25,6 +25,7 @@ from torch import nn
 
 from fastclr import checkpoint as ckpt
 from fastclr.models import build_backbone, model_name, parse_model_name
+from fastclr.runtime import EXIT_BAD_INPUT, UserError
 from loaders.files import atomic_write
 
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)
@@ -83,17 +84,13 @@ def export_backbone(model_or_state_dict, depth: int, width: int = 1, sk_ratio: f
     return {k: sd[k].detach().contiguous() for k in ref}
 
 
-class _BadInput(Exception):
-    """Reported as one line on stderr, exit code 2."""
-
-
 def _load(path: str):
     if not os.path.isfile(path):
-        raise _BadInput(f"no such file: {path}")
+        raise UserError(f"no such file: {path}")
     try:
         return ckpt.read(path)
     except ckpt.UnusableCheckpoint as e:  # names the file and says why, in one line
-        raise _BadInput(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 def _arch(args, config: dict) -> dict:
@@ -104,12 +101,12 @@ def _arch(args, config: dict) -> dict:
         try:
             arch.update(parse_model_name(config["name"]))
         except ValueError as e:
-            raise _BadInput(str(e)) from None
+            raise UserError(str(e)) from None
     for k in arch:
         if getattr(args, k) is not None:
             arch[k] = getattr(args, k)
     if arch["depth"] is None:
-        raise _BadInput("no architecture: the file has no config['model'] section; pass --depth (and --width, "
+        raise UserError("no architecture: the file has no config['model'] section; pass --depth (and --width, "
                         "--sk-ratio, --cifar-stem if not the defaults 1, 0, off)")
     return {"depth": int(arch["depth"]), "width": int(arch["width"] or 1),
             "sk_ratio": float(arch["sk_ratio"] or 0.0), "cifar_stem": bool(arch["cifar_stem"])}
@@ -119,7 +116,7 @@ def _save(obj, path: str) -> None:
     """Atomic: a crash never leaves a half-written OUT behind."""
     out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
-        raise _BadInput(f"output folder does not exist: {out_dir}")
+        raise UserError(f"output folder does not exist: {out_dir}")
     with atomic_write(path, "wb") as fh:
         torch.save(obj, fh)
 
@@ -136,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "SK, 2x/3x, cifar_stem or depth-200 models have no torchvision twin: OUT.pt then holds a fastclr\n"
         "backbone state_dict, and the command prints the build_backbone(...) call that loads it.",
         epilog="examples:\n"
-        "  python -m fastclr.export runs/r50/last.pt r50.pt\n"
-        "  python -m fastclr.export runs/r152/last.pt r152_3x_sk1.pt          # fastclr format, see message\n"
+        "  python -m fastclr.export runs/r50/ckpt_00500000.pt r50.pt\n"
+        "  python -m fastclr.export runs/r152/ckpt_00500000.pt r152_3x_sk1.pt  # fastclr format, see message\n"
         "  python -m fastclr.export weights.pt r18.pt --depth 18             # bare state_dict\n"
         "exit status: 0 saved; 2 bad input (missing file, not a checkpoint, weights not matching the architecture)",
     )
@@ -159,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         obj = _load(args.checkpoint)
         if not isinstance(obj, dict):
-            raise _BadInput(f"{args.checkpoint} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
+            raise UserError(f"{args.checkpoint} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
         if "model" in obj and isinstance(obj["model"], dict):
             state_dict = obj["model"]
             config = obj.get("config")
@@ -168,17 +165,17 @@ def main(argv: list[str] | None = None) -> int:
         elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             state_dict, config = obj, {}
         else:
-            raise _BadInput(f"{args.checkpoint} is neither a fastclr checkpoint (no 'model' state_dict) "
+            raise UserError(f"{args.checkpoint} is neither a fastclr checkpoint (no 'model' state_dict) "
                             f"nor a state_dict (keys: {list(obj)[:5]})")
         arch = _arch(args, config)
         try:
             sd = export_backbone(state_dict, **arch)
         except ValueError as e:
-            raise _BadInput(str(e)) from None
+            raise UserError(str(e)) from None
         _save(sd, args.out)
-    except _BadInput as e:
+    except UserError as e:
         print(f"fastclr.export: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
     n = sum(v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     why = torchvision_incompatibility(**arch)

@@ -17,7 +17,7 @@ import torch
 
 from fastclr import checkpoint as ckpt
 from fastclr import dist
-from loaders.common import dtype_name, parse_dtype  # noqa: F401  (dtype_name: re-exported for the scripts)
+from loaders.common import EXIT_BAD_INPUT, EXIT_FAILED, dtype_name, parse_dtype  # noqa: F401  (re-exported)
 
 
 class UserError(Exception):
@@ -29,9 +29,6 @@ def fail(prog: str, msg: str, code: int = 2):
     raise SystemExit(code)
 
 
-# Exit codes of every fastclr command: 0 done, 1 the run failed (disk full, non-finite weights),
-# 2 bad input (options, data, checkpoints); Python's own 1 for a bug, with its traceback.
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 

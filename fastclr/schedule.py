@@ -39,12 +39,3 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> flo
     decay_steps = max(total_steps - warmup_steps, 1)  # TF would divide by 0 here; we return 0 at the end
     t = min(step - warmup_steps, decay_steps)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * t / decay_steps))
-
-
-def tf_steps(num_examples: int, batch_size: int, epochs: float, warmup_epochs: float) -> tuple[int, int]:
-    """(warmup_steps, total_steps) as TF derives them from epochs (model.py get_train_steps and
-    WarmUpAndCosineDecay): ``total = num_examples * epochs // B + 1``,
-    ``warmup = int(round(warmup_epochs * num_examples // B))``."""
-    total = int(num_examples * epochs // batch_size + 1)
-    warmup = round(warmup_epochs * num_examples // batch_size)
-    return warmup, total

@@ -15,6 +15,11 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
+# Exit status of every fastclr command: 0 done; 1 the work failed (a full disk, non-finite weights, a
+# failed write); 2 bad input (options, data, checkpoints, a file list) - fix it and rerun.
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
 class DataError(RuntimeError):
     """The data cannot be used: every image of a shard unreadable, a file the DALI decoder cannot read,
     a listed file missing. Its message is one line that names the file and the fix; the entry points
@@ -80,10 +85,10 @@ class LoaderConfig:
     crop_scale: Tuple[float, float] = option((0.08, 1.0), "simclr random crop: area fraction range (TF: 0.08,1; "
                                              "crops also cover >= 10 % of the image, as in TF)", gt=0, le=1)
     # DALI
-    # Default picked by the GPU benchmark (H100, 2026-11-28): native DALI ops 6479 vs 4644 images/s loader-only,
-    # 1813 vs 1469 images/s under an R50 step; "torch" keeps the exact TF colour ops (README: deviations).
+    # The default is what the GPU benchmark measured faster (README, "DALI's two choices"); "torch" keeps
+    # the exact TF colour ops (README: deviations).
     dali_photometry: str = option("dali", "dali: colour ops as native DALI ops (faster) or in torch (exact TF ops, "
-                              "shared augment.py)", ("dali", "torch"))
+                                  "shared augment.py)", ("dali", "torch"))
     dali_roi_decode: bool = option(False, "dali: ROI-decode each view (image_random_crop) instead of decode once")
     hw_decoder_load: float = option(0.65, "dali: share of JPEG decoding on the A100/H100 hardware decoder",
                                     ge=0, le=1)

@@ -10,7 +10,7 @@ of the labels from the full train .beton without converting again.
 
 The decoder ``DecodeViews`` is an FFCV Operation: for every image it decodes the JPEG (or reads the
 raw pixels) once with FFCV's libjpeg-turbo ``imdecode`` and cuts ``spec.num_views`` crops from it
-with FFCV's ``resize_crop``, writing a ``[B, K, S, S, 3]`` uint8 batch (DESIGN.md: two views, one
+with FFCV's ``resize_crop``, writing a ``[B, K, S, S, 3]`` uint8 batch (docs/design.md: two views, one
 decode). Crop boxes follow ``augment.sample_crop_boxes`` exactly (TF sample_distorted_bounding_box,
 then torchvision's fallback; TF centre crop for eval), re-implemented in numba because compiled
 code cannot call Python.

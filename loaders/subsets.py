@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import files, manifest
-from .common import find_classes, scan_image_folder
+from .common import EXIT_BAD_INPUT, find_classes, scan_image_folder
 from .files import read_list
 
 Entry = tuple[str, int]  # (path relative to the data root, label)
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         entries, idx = make_subset(a.root, a.list, a.fraction, a.seed)
     except (SubsetError, FileNotFoundError) as e:
         print(f"subsets: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     write_list(entries, a.out)
     msg = f"subsets: {len(entries)} images of {len({lab for _, lab in entries})} classes -> {a.out}"
     if idx is not None:

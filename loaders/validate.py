@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .common import bad_name_reason, scan_image_folder
+from .common import EXIT_BAD_INPUT, bad_name_reason, scan_image_folder
 from .decode import decode_rgb
 from .files import atomic_write, write_list
 
@@ -234,13 +234,13 @@ def main(argv=None) -> int:
                                       use_dali=False if args.no_dali else None, progress=not args.quiet)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     write_outputs(args.root, args.out, report, good, bad, warn)
     print(f"validate: {len(good)} good, {len(bad)} bad, {len(warn)} with warnings, of {len(good) + len(bad)} "
           f"files in {args.root} -> {args.out} (report: {report})")
     if not good:
         print("error: no decodable images", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return 1 if (bad and args.strict) else 0
 
 

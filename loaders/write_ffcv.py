@@ -20,7 +20,7 @@ Outputs, for OUT = ``name.beton``:
 
 Labels use the one mapping of every fastclr backend: sorted class folder names
 (``loaders.common.list_image_folder``). ImageNet's val/ must first be sorted into class folders
-(see the README). The exit code is non-zero only when no valid image remains (or writing fails).
+(see the README). Exit status: 0 written, 2 bad input (no valid image, a bad selection), 1 writing failed.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import manifest
-from .common import bad_name_reason, scan_image_folder
+from .common import EXIT_BAD_INPUT, EXIT_FAILED, bad_name_reason, scan_image_folder
 from .decode import read_rgb
 from .files import atomic_write_text
 from .validate import check_file
@@ -268,7 +268,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: O
                    classes=len(classes), manifest=manifest_path(out), skipped_report=skipped_path(out),
                    converted=len(notes), dry_run=dry_run, skipped_files=[(rel(p), why) for p, why in skipped])
     if not good:
-        raise RuntimeError(f"no valid image among {len(samples)} selected under {src} "
+        raise ValueError(f"no valid image among {len(samples)} selected under {src} "
                            f"({len(skipped)} unreadable); nothing written")
     if dry_run:
         summary.update(written=0, would_write=len(good), seconds=time.time() - t0)
@@ -393,9 +393,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     compress_probability=args.compress_probability, workers=args.workers,
                     chunk_size=args.chunk_size, subset=args.subset, fraction=args.fraction, seed=args.seed,
                     limit=args.limit, dry_run=args.dry_run, progress=not args.quiet)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # bad selection, no valid image, unusable list
         print(f"write_ffcv: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
+    except RuntimeError as e:  # the writing failed
+        print(f"write_ffcv: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     for path, why in s["skipped_files"][:10]:
         print(f"skipped {path}: {why}", file=sys.stderr)
     if s["skipped"] > 10:

@@ -54,7 +54,7 @@ def demo_root(tmp_path_factory):
 
 
 # --- DALI fixtures ---
-# Appended by the DALI backend (issue 6). The loader contract test reads `dali_contract_data` for
+# The DALI backend's data. The loader contract test reads `dali_contract_data` for
 # backend "dali": the mixed folder (good images + every bad kind) with the clean list written by
 # `python -m loaders.validate`, which DALI needs because it cannot skip undecodable files.
 
@@ -76,7 +76,7 @@ def dali_contract_data(tmp_path_factory, mixed_folder):
 
 
 # --- FFCV fixtures ---
-# Appended by the FFCV backend (issue 7). `ffcv_mixed_beton` converts the mixed folder once per
+# The FFCV backend's data. `ffcv_mixed_beton` converts the mixed folder once per
 # session with loaders.write_ffcv (unreadable files skipped, odd ones converted to RGB); the loader
 # contract test reads `ffcv_contract_data` for backend "ffcv".
 

@@ -1,4 +1,4 @@
-"""The loader contract of DESIGN.md, one parametrized test for every backend.
+"""The loader contract (loaders/base.py, docs/design.md), one parametrized test for every backend.
 
 How a backend joins (DALI and FFCV engineers: this is all you need):
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fastclr.schedule import DEFAULT_BASE_LR, lr_at, scaled_lr, tf_steps
+from fastclr.schedule import DEFAULT_BASE_LR, lr_at, scaled_lr
 
 
 def test_scaling_rules():
@@ -51,10 +51,3 @@ def test_no_warmup_and_degenerate_lengths():
     # total <= warmup: no decay phase; no division by zero
     assert lr_at(5, 2.0, 5, 5) == pytest.approx(2.0)
     assert lr_at(6, 2.0, 5, 5) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_tf_step_counts():
-    # ImageNet-sized: 1281167 images, batch 4096, 100 epochs, 10 warmup epochs
-    warm, total = tf_steps(1281167, 4096, 100, 10)
-    assert total == 1281167 * 100 // 4096 + 1 == 31279
-    assert warm == 3127

@@ -127,7 +127,7 @@ def test_subset_by_file_list(tmp_path, image_folder):
 def test_subset_unknown_names_is_a_one_line_error(tmp_path, image_folder, capsys):
     (tmp_path / "list.txt").write_text("n00000001_0.JPEG\nn09999999_1.JPEG\nnope.JPEG\n")
     out = tmp_path / "sub.beton"
-    assert write_ffcv.main([image_folder, str(out), "--subset", str(tmp_path / "list.txt")]) == 1
+    assert write_ffcv.main([image_folder, str(out), "--subset", str(tmp_path / "list.txt")]) == 2  # bad input (every CLI: 2)
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "2 of 3 names" in err and "n09999999_1.JPEG" in err
     assert not out.exists()
@@ -149,7 +149,7 @@ def test_nothing_valid_exits_nonzero(tmp_path, bad_files, capsys):
     for kind in synthetic.UNREADABLE:
         os.link(bad_files[kind], tmp_path / "src" / "a" / f"{kind}.jpg")
     out = tmp_path / "x.beton"
-    assert write_ffcv.main([str(tmp_path / "src"), str(out), "--quiet", "--workers", "1"]) == 1
+    assert write_ffcv.main([str(tmp_path / "src"), str(out), "--quiet", "--workers", "1"]) == 2  # bad input
     assert "no valid image" in capsys.readouterr().err
     assert not out.exists()
 

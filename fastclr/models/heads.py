@@ -32,9 +32,9 @@ class ProjectionLayer(nn.Module):
         self.linear = nn.Linear(in_dim, out_dim, bias=False)  # BN follows: no bias (TF)
         nn.init.normal_(self.linear.weight, std=0.01)
         # TF's last layer: BN(center=False), a scale but no shift. The shift is removed by hand rather
-        # than with BatchNorm1d(bias=False), which torch < 2.14 lacks (it failed on the GPU image's 2.11);
-        # F.batch_norm takes bias=None, and convert_sync_batchnorm copies the None over. (Before 2.14,
-        # BatchNorm's reset_parameters() zeroes the bias unconditionally: do not call it on this layer.)
+        # than with BatchNorm1d(bias=False), which older torch releases lack; F.batch_norm takes
+        # bias=None, and convert_sync_batchnorm copies the None over. (In those releases BatchNorm's
+        # reset_parameters() zeroes the bias unconditionally: do not call it on this layer.)
         self.bn = nn.BatchNorm1d(out_dim, eps=BN_EPS, momentum=BN_MOMENTUM)
         if not relu:
             self.bn.bias = None
