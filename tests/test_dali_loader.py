@@ -14,7 +14,7 @@ pytest.importorskip("nvidia.dali", reason="DALI not installed: pip install 'fast
 from conftest import NUM_CLASSES, PER_CLASS  # noqa: E402
 from loaders import augment, spec as specs  # noqa: E402
 from loaders.common import LoaderConfig, list_image_folder, shard_indices  # noqa: E402
-from loaders import dali_loader  # noqa: E402
+from loaders import dali_loader, dali_pipeline  # noqa: E402
 from loaders.dali_loader import build_dali_loader  # noqa: E402
 
 N = NUM_CLASSES * PER_CLASS
@@ -218,24 +218,24 @@ def _nchw(images):
 def test_dali_colour_ops_match_tf_semantics(float_images):
     x = _nchw(float_images)
     f, lo = 1.6, 0.3
-    dl = dali_loader
+    dl = dali_pipeline
     cases = {
-        "brightness": (lambda d: dl._brightness(d, f), augment.adjust_brightness(x, f).clamp(0, 1), 1e-6),
-        "contrast": (lambda d: dl._contrast(d, f), augment.adjust_contrast(x, f).clamp(0, 1), 1e-5),
-        "low contrast": (lambda d: dl._contrast(d, lo), augment.adjust_contrast(x, lo).clamp(0, 1), 1e-5),
-        "saturation": (lambda d: dl._saturation(d, f), augment.adjust_saturation(x, f).clamp(0, 1), 1e-5),
-        "grayscale": (dali_loader._grayscale, augment.to_grayscale(x), 1e-6),
-        "exact hue": (lambda d: dali_loader._hue_exact(d, 0.05), augment.adjust_hue(x, 0.05), 1e-5),
-        "exact hue, negative": (lambda d: dali_loader._hue_exact(d, -0.2), augment.adjust_hue(x, -0.2), 1e-5),
+        "brightness": (lambda d: dl.brightness(d, f), augment.adjust_brightness(x, f).clamp(0, 1), 1e-6),
+        "contrast": (lambda d: dl.contrast(d, f), augment.adjust_contrast(x, f).clamp(0, 1), 1e-5),
+        "low contrast": (lambda d: dl.contrast(d, lo), augment.adjust_contrast(x, lo).clamp(0, 1), 1e-5),
+        "saturation": (lambda d: dl.saturation(d, f), augment.adjust_saturation(x, f).clamp(0, 1), 1e-5),
+        "grayscale": (dali_pipeline.grayscale, augment.to_grayscale(x), 1e-6),
+        "exact hue": (lambda d: dali_pipeline.hue_exact(d, 0.05), augment.adjust_hue(x, 0.05), 1e-5),
+        "exact hue, negative": (lambda d: dali_pipeline.hue_exact(d, -0.2), augment.adjust_hue(x, -0.2), 1e-5),
     }
     for name, (op, expected, tol) in cases.items():
         got = _run_op(float_images, op)
         assert (got - expected).abs().max() < tol, name
     # Default hue (EXACT_HUE False) is fn.hsv's documented approximation: identity at 0, rotating the
     # same way as TF's HSV shift, within the documented distance of it.
-    assert not dali_loader.EXACT_HUE
-    assert (_run_op(float_images, lambda d: dali_loader._hue(d, 0.0)) - x).abs().max() < 1e-5
-    approx = _run_op(float_images, lambda d: dali_loader._hue(d, 0.05 * 360))
+    assert not dali_pipeline.EXACT_HUE
+    assert (_run_op(float_images, lambda d: dali_pipeline.hue(d, 0.0)) - x).abs().max() < 1e-5
+    approx = _run_op(float_images, lambda d: dali_pipeline.hue(d, 0.05 * 360))
     exact = augment.adjust_hue(x, 0.05)
     assert (approx - exact).abs().mean() < 0.08 < (approx - augment.adjust_hue(x, -0.05)).abs().mean()
 
@@ -288,11 +288,11 @@ def test_gpu_graph_is_well_formed_without_a_gpu():
     errors (a CPU op fed by GPU data) surface at definition time, so CI catches them."""
     cfg = LoaderConfig()
     kw = dict(hw_decoder_load=0.9, device_memory_padding=cfg.device_memory_padding,
-              host_memory_padding=cfg.host_memory_padding, **dali_loader._HW_PREALLOC)
+              host_memory_padding=cfg.host_memory_padding, **dali_pipeline.HW_PREALLOC)
     for spec in (specs.simclr(size=SIZE), specs.eval_(size=SIZE)):
         for photometry in dali_loader.PHOTOMETRY_MODES:
             for roi in (False, True):
-                pipe = dali_loader.simclr_pipeline(source=lambda info: None, spec=spec, gpu=True,
+                pipe = dali_pipeline.simclr_pipeline(source=lambda info: None, spec=spec, gpu=True,
                                                    photometry=photometry, roi_decode=roi, decoder_kw=kw,
                                                    batch_size=2, num_threads=1, device_id=0, seed=1)
                 if not hasattr(pipe, "_build_graph"):
