@@ -467,8 +467,10 @@ def sample_photometric_params(n: int, spec: AugmentSpec, generator: Optional[tor
             order = torch.argsort(u[:, 5:9], dim=1)
         else:
             order = torch.arange(4, device=device).expand(n, 4).clone()
-        strengths = torch.tensor([b, c, s, h], device=device)
-        off = (~p["jitter"])[:, None] | (strengths[order] == 0)  # TF skips ops of strength 0
+        off = (~p["jitter"])[:, None].expand(n, 4)
+        for o, strength in enumerate((b, c, s, h)):  # TF skips ops of strength 0
+            if strength == 0:  # (a host-side test: a device tensor of strengths would be a blocking copy)
+                off = off | (order == o)
         p["order"] = torch.where(off, torch.full_like(order, NO_OP), order)
     else:
         p["jitter"] = torch.zeros(n, dtype=torch.bool, device=device)
