@@ -7,7 +7,8 @@ Two stages, shared by every backend:
 * **photometry** (per batch, float tensors on the training device): ``photometric`` applies colour
   jitter in a random order per sample, grayscale, gaussian blur and (opt-in) normalization to
   ``[N, 3, H, W]`` with per-sample parameters, masks and ``torch.where`` / index_copy - never a
-  Python loop over samples. ``finish_views`` is the last stage every backend calls.
+  Python loop over samples. ``finish_views`` is the last stage every backend calls. On CUDA the
+  default is the compiled fused path (``loaders/fused_photometry.py``: four passes over the pixels).
 
 The semantic reference is google-research/simclr ``tf2/data_util.py`` and the TF kernels it calls
 (``sample_distorted_bounding_box``, ``adjust_hue``, ``adjust_saturation``, ``adjust_contrast``,
@@ -497,6 +498,18 @@ _JITTER_OPS = {
 # CPU: photometric works on chunks of this many images so that the ~30 temporaries of an op stay
 # in cache (measured ~2-4x faster per image than whole-batch ops on a 2-core machine).
 CPU_CHUNK = 8
+MODES = ("auto", "subset", "where", "fused")
+
+
+def resolve_mode(mode: str, device) -> str:
+    """``mode`` with "auto" made concrete for ``device``: fused on CUDA (compiled, no host sync),
+    subset on the CPU (eager exact work: no compile cost on first use), where elsewhere."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    kind = torch.device(device).type
+    return "fused" if kind == "cuda" else "subset" if kind == "cpu" else "where"
 
 
 def _apply_where(y: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -553,12 +566,17 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Ge
     (x - mean) / std.
 
     Random op order, exact and without a loop over samples: ``order[n, j]`` is the op at position j
-    of sample n (a uniform random permutation). For each position j and op o, op o is applied to
-    the samples with ``order[:, j] == o`` (16 masked applications; each sample gets its 4 ops).
-    ``mode``: "subset" gathers those samples and runs the op on them only (exact work; nonzero()
-    syncs the host, fine on CPU; processed in chunks of CPU_CHUNK images for cache locality),
-    "where" runs every op on the whole batch and selects with torch.where (~4x the arithmetic, no
-    host sync: for GPUs), "auto" = subset on CPU, where elsewhere. Both give the same result.
+    of sample n (a uniform random permutation). ``mode`` picks the kernels; all give the same result:
+      * "subset": for each position j and op o, op o runs on exactly the samples with
+        ``order[:, j] == o`` (exact work; nonzero() syncs the host, fine on CPU; chunks of CPU_CHUNK
+        images for cache locality). The reference the others are tested against.
+      * "where": every op on the whole batch at every position, selected with torch.where (~4x the
+        arithmetic, ~230 unfused passes, no host sync).
+      * "fused": ``fused_photometry`` - the whole recipe as four compiled passes (torch.compile:
+        Triton on CUDA, C++ on CPU; no host sync). The first call per image size / dtype compiles
+        (seconds to a minute on a CPU, cached on disk); without a working compiler the same graphs
+        run eagerly (slow, logged). float64 inputs use "subset" on CPU and "where" elsewhere.
+      * "auto": fused on CUDA, subset on the CPU (no compile cost on first use), where elsewhere.
     bf16/fp16 inputs are computed in fp32 and returned in their dtype.
 
     ``generator`` must live on x's device. ``params`` (``sample_photometric_params``) replaces the
@@ -570,12 +588,20 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Ge
     N, _, H, _ = x.shape
     if params is None:
         params = sample_photometric_params(N, spec, generator, device=x.device)
-    if mode == "auto":
+    mode = resolve_mode(mode, x.device)
+    if mode == "fused" and x.dtype == torch.float64:  # the graphs compute in fp32
         mode = "subset" if x.device.type == "cpu" else "where"
-    if mode not in ("subset", "where"):
-        raise ValueError(f"mode must be auto, subset or where, got {mode!r}")
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     in_dtype = x.dtype
+    if mode == "fused":
+        from .fused_photometry import fused_photometric
+        # The graphs take float32 NCHW (one graph for every input dtype / layout: a conversion pass
+        # here, none for float32 NCHW; finish_views feeds uint8 crops straight in).
+        src = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        dst = src if (inplace or src is not x) else torch.empty_like(src)
+        out = fused_photometric(src, spec, params, dst)
+        out = out.to(dtype=in_dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return (out, params) if return_params else out
     work = torch.float64 if in_dtype == torch.float64 else torch.float32
     if mode == "subset":  # plain NCHW: the per-channel ops are ~2x faster on it than channels_last
         y = x.to(dtype=work, memory_format=torch.contiguous_format)
@@ -623,7 +649,9 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: Optional[tor
     All B*K images go through ``photometric`` at once, view-major (images k*B..(k+1)*B-1 are view
     k), so each returned view is a contiguous channels_last slice of one buffer. ``generator`` must
     live on the target device. The host-to-device copy is non_blocking: pin ``crops`` for overlap.
-    ``mode``: ``photometric``'s (data.photometry_mode).
+    ``mode``: ``photometric``'s (data.photometry_mode); auto = fused on CUDA, subset on the CPU.
+    "fused" reads the uint8 crops directly and writes the views in ``dtype``, channels_last: four
+    passes in all (see fused_photometry).
     """
     if crops.ndim != 5 or crops.shape[-1] != 3 or crops.dtype != torch.uint8:
         raise ValueError(f"expected uint8 [B, K, S, S, 3], got {crops.dtype} {tuple(crops.shape)}")
@@ -631,6 +659,12 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: Optional[tor
         crops = crops.to(device, non_blocking=True)
     B, K, S1, S2, _ = crops.shape
     cpu = crops.device.type == "cpu"
+    mode = resolve_mode(mode, crops.device)
+    if spec.has_photometry and mode == "fused":
+        from .fused_photometry import fused_photometric
+        params = sample_photometric_params(K * B, spec, generator, device=crops.device)
+        out = torch.empty((K * B, 3, S1, S2), dtype=dtype, device=crops.device, memory_format=torch.channels_last)
+        return list(fused_photometric(crops, spec, params, out).split(B, dim=0))
     # CPU: photometric runs on plain NCHW (faster there); one final pass makes it channels_last.
     # GPU: channels_last from the start; the uint8 -> float copy is the only layout pass.
     fmt = torch.contiguous_format if (cpu and spec.has_photometry) else torch.channels_last
