@@ -258,6 +258,49 @@ def test_eager_fallback_runs_the_same_graphs(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# CPU buffer reuse (finish_views)
+# ---------------------------------------------------------------------------------------------
+
+def test_host_buffers_never_overwrite_held_views():
+    spec = simclr(16)
+    crops = torch.randint(0, 256, (4, 2, 16, 16, 3), dtype=torch.uint8)
+    a = A.finish_views(crops, spec, torch.Generator().manual_seed(0), torch.float32)
+    a0 = [v.clone() for v in a]
+    b = A.finish_views(crops, spec, torch.Generator().manual_seed(1), torch.float32)
+    assert a[0].data_ptr() != b[0].data_ptr()  # a is held: b got a fresh buffer
+    assert all(torch.equal(u, v) for u, v in zip(a, a0))
+    ptr = b[0].data_ptr()
+    row = b[1][0]  # a view of a view keeps the buffer too
+    del b
+    c = A.finish_views(crops, spec, torch.Generator().manual_seed(2), torch.float32)
+    assert c[0].data_ptr() != ptr
+    del row, c
+    d = A.finish_views(crops, spec, torch.Generator().manual_seed(3), torch.float32)
+    e_ptr = d[0].data_ptr()
+    del d
+    e = A.finish_views(crops, spec, torch.Generator().manual_seed(4), torch.float32)
+    assert e[0].data_ptr() == e_ptr  # nothing held: reused
+    e[0].share_memory_()  # as a DataLoader worker's result: another process reads it
+    e_ptr = e[0].data_ptr()
+    del e
+    f = A.finish_views(crops, spec, torch.Generator().manual_seed(5), torch.float32)
+    assert f[0].data_ptr() != e_ptr
+
+
+@pytest.mark.parametrize("mode", ["subset", "fused"])
+def test_finish_views_writes_into_out(mode):
+    spec = simclr(32)
+    crops = torch.randint(0, 256, (3, 2, 32, 32, 3), dtype=torch.uint8)
+    want = A.finish_views(crops, spec, torch.Generator().manual_seed(0), torch.bfloat16, mode=mode)
+    out = torch.empty(6, 3, 32, 32, dtype=torch.bfloat16, memory_format=torch.channels_last).share_memory_()
+    got = A.finish_views(crops, spec, torch.Generator().manual_seed(0), torch.bfloat16, mode=mode, out=out)
+    assert [v.data_ptr() for v in got] == [out[0].data_ptr(), out[3].data_ptr()]
+    assert all(torch.equal(u, v) for u, v in zip(got, want))
+    with pytest.raises(ValueError):
+        A.finish_views(crops, spec, None, torch.float32, out=out)
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------
 
