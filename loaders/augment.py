@@ -25,7 +25,6 @@ Summary:
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from .spec import AugmentSpec, CropSpec
 
 try:  # OpenCV is ~1.5x faster than PIL for decode and resize; PIL is the fallback.
     import cv2
-except Exception:  # pragma: no cover - exercised only where OpenCV is missing
+except Exception:  # noqa: BLE001  # pragma: no cover - a broken OpenCV fails in many ways; PIL covers all
     cv2 = None
 
 # tf.image.rgb_to_grayscale (ITU-R 601-2 luma, TF's rounding of the constants).
@@ -158,7 +157,7 @@ _CV2_INTERP = {"bicubic": "INTER_CUBIC", "bilinear": "INTER_LINEAR"}
 
 
 def crop_resize(img: np.ndarray, boxes: np.ndarray, size: int, interpolation: str = "bicubic",
-                flips: Optional[np.ndarray] = None) -> np.ndarray:
+                flips: np.ndarray | None = None) -> np.ndarray:
     """Cut ``boxes`` ((y0, x0, h, w) rows) out of ONE decoded uint8 image and resize each to
     ``size x size``: uint8 ``[k, size, size, 3]``. ``flips[i]`` mirrors crop i horizontally.
 
@@ -438,8 +437,8 @@ def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int, method: str = "auto"
 # Random parameters and the batched photometric pipeline
 # ----------------------------------------------------------------------------------------------
 
-def sample_photometric_params(n: int, spec: AugmentSpec, generator: Optional[torch.Generator] = None,
-                              device=None) -> Dict[str, torch.Tensor]:
+def sample_photometric_params(n: int, spec: AugmentSpec, generator: torch.Generator | None = None,
+                              device=None) -> dict[str, torch.Tensor]:
     """Per-sample random parameters of ``photometric`` for a batch of ``n``, drawn from
     ``generator`` on ``device`` with one ``torch.rand(n, 12)`` (columns: jitter?, brightness,
     contrast, saturation, hue, 4 order keys, grayscale?, blur?, sigma). Returned keys:
@@ -455,7 +454,7 @@ def sample_photometric_params(n: int, spec: AugmentSpec, generator: Optional[tor
     if device is None:
         device = generator.device if generator is not None else "cpu"
     u = torch.rand(n, 12, generator=generator, device=device, dtype=torch.float32)
-    p: Dict[str, torch.Tensor] = {}
+    p: dict[str, torch.Tensor] = {}
     j = spec.jitter
     if j is not None:
         b, c, s, h = j.factors
@@ -527,11 +526,11 @@ def _apply_subset(y: torch.Tensor, idx: torch.Tensor, fn) -> None:
     y.index_copy_(0, idx, fn(y.index_select(0, idx), idx).to(y.dtype))
 
 
-def _take(v: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+def _take(v: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return v if idx is None else v.index_select(0, idx)
 
 
-def _jitter_subset(y: torch.Tensor, p: Dict[str, torch.Tensor]) -> None:
+def _jitter_subset(y: torch.Tensor, p: dict[str, torch.Tensor]) -> None:
     """Colour jitter on a (chunk) view y, in place: each op on exactly the samples that have it at
     position j. nonzero() syncs with the host: CPU only."""
     order = p["order"]
@@ -542,7 +541,7 @@ def _jitter_subset(y: torch.Tensor, p: Dict[str, torch.Tensor]) -> None:
                           lambda t, idx, fn=fn, f=f: fn(t, _take(f, idx)).clamp_(0.0, 1.0))
 
 
-def _jitter_where(y: torch.Tensor, p: Dict[str, torch.Tensor], factors) -> torch.Tensor:
+def _jitter_where(y: torch.Tensor, p: dict[str, torch.Tensor], factors) -> torch.Tensor:
     """Colour jitter with no host sync: at each position every op runs on the whole batch and
     torch.where keeps it for the samples that have it there (4 positions x 4 ops)."""
     order = p["order"]
@@ -555,8 +554,8 @@ def _jitter_where(y: torch.Tensor, p: Dict[str, torch.Tensor], factors) -> torch
     return y
 
 
-def photometric(x: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Generator] = None,
-                params: Optional[Dict[str, torch.Tensor]] = None, return_params: bool = False,
+def photometric(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None,
+                params: dict[str, torch.Tensor] | None = None, return_params: bool = False,
                 inplace: bool = False, mode: str = "auto"):
     """SimCLR colour augmentation of a batch: ``x`` [N, 3, H, W] float in [0, 1] -> same shape,
     dtype, device and memory format (channels_last stays channels_last).
@@ -657,7 +656,7 @@ class _HostBuffers(threading.local):
     """
 
     def __init__(self):
-        self.bufs: Dict[str, tuple] = {}
+        self.bufs: dict[str, tuple] = {}
 
     def get(self, role: str, shape, dtype, memory_format) -> torch.Tensor:
         key = (tuple(shape), dtype, memory_format)
@@ -672,12 +671,12 @@ class _HostBuffers(threading.local):
         return buf
 
 
-def _storage_uses(t: torch.Tensor) -> Optional[int]:
+def _storage_uses(t: torch.Tensor) -> int | None:
     """References to t's storage (tensors, views, this call's own handle); None where the torch
     build has no such counter (then nothing is ever reused)."""
     try:
         return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
-    except Exception:  # pragma: no cover - private API missing in this torch build
+    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - private API changed or missing
         return None
 
 
@@ -691,8 +690,8 @@ def release_buffers() -> None:
     clear_buffers()
 
 
-def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Generator], dtype,
-                 device=None, mode: str = "auto", out: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None, dtype,
+                 device=None, mode: str = "auto", out: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The last stage of every backend: uint8 crops ``[B, K, S, S, 3]`` (NHWC, any device) ->
     K views ``[B, 3, S, S]`` in ``dtype``, channels_last, on ``device`` (default: crops' device),
     values in [0, 1] (or normalized when spec.normalize).
