@@ -600,7 +600,8 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator |
         src = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
         dst = src if (inplace or src is not x) else torch.empty_like(src)
         out = fused_photometric(src, spec, params, dst)
-        out = out.to(dtype=in_dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = out.to(dtype=in_dtype, memory_format=fmt)
         return (out, params) if return_params else out
     work = torch.float64 if in_dtype == torch.float64 else torch.float32
     if mode == "subset":  # plain NCHW: the per-channel ops are ~2x faster on it than channels_last

@@ -31,12 +31,18 @@ parameters are gathered from ``params["order"]`` into a small [N, 4, 6] table wi
 
 Two compiled graphs (``torch.compile``, inductor: Triton on CUDA, C++/OpenMP on CPU):
 ``_jitter_graph`` (uint8 crops or float images -> scratch) and ``_blur_graph`` (scratch -> output).
-Graphs are specialized on image size, kernel size, input kind and output dtype/layout, never on the
-batch size (the batch dim is marked unbacked: one graph for batches 1, 7 and 512). Compiling costs
-seconds to a minute per graph on a CPU (cached on disk by inductor, ``TORCHINDUCTOR_CACHE_DIR``), so
+Inductor does not emit exactly that on a CPU: the three means reduce in three loops and the jitter
+output and the horizontal blur go through a temporary before their padded buffer (about 100 MB of
+intermediates per 64 views of 224 px). Measured on one CPU thread it is no faster than the eager
+subset path (~210-290 vs ~180-230 ms per 64 views of 224 px), and the first call compiles for
+tens of seconds (cold) or ~10 s (inductor's disk cache, ``TORCHINDUCTOR_CACHE_DIR``), so
 ``augment`` uses this path by default only on CUDA; on the CPU it is opt-in (``mode="fused"``).
-When ``torch.compile`` is unusable (no Triton / no C++ compiler, or ``FASTCLR_FUSED_EAGER=1``) the
-same functions run eagerly: identical numbers, but every op is a full pass (slow; a warning says so).
+
+Graphs are specialized on image size, kernel size, input kind and output dtype/layout, not on the
+batch size: the batch dim is dynamic (size-oblivious) and a batch of 1 runs as 2 images, so one
+graph serves batches 1, 7 and 512. When ``torch.compile`` is unusable (no Triton / no C++ compiler,
+or ``FASTCLR_FUSED_EAGER=1``) the same functions run eagerly: identical numbers, but every op is a
+full pass (slow; logged once).
 """
 from __future__ import annotations
 
@@ -118,7 +124,8 @@ def _op(r, g, b, alpha, s, delta, beta):
     v = torch.maximum(torch.maximum(r, g), b)
     c = v - torch.minimum(torch.minimum(r, g), b)
     # augment._hue_value_chroma with the same sector priority (r is max, else g, else b).
-    h = torch.where(r == v, g - b, torch.where(g == v, (b - r) + 2.0 * c, (r - g) + 4.0 * c)) / c.clamp_min(1e-12)
+    h = torch.where(r == v, g - b, torch.where(g == v, (b - r) + 2.0 * c, (r - g) + 4.0 * c))
+    h = h / c.clamp_min(1e-12)
     kappa = torch.minimum(s * c, v)
     out = []
     for i, n in enumerate((5.0, 3.0, 1.0)):

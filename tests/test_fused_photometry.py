@@ -223,7 +223,8 @@ def test_spec_without_jitter_and_blur():
 def test_finish_views_fused_matches_subset(dtype):
     spec = simclr(32)
     for B in (5, 1):
-        crops = torch.randint(0, 256, (B, 2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(B))
+        g = torch.Generator().manual_seed(B)
+        crops = torch.randint(0, 256, (B, 2, 32, 32, 3), dtype=torch.uint8, generator=g)
         want = A.finish_views(crops, spec, torch.Generator().manual_seed(3), dtype, mode="subset")
         want = [v.clone() for v in want]
         got = A.finish_views(crops, spec, torch.Generator().manual_seed(3), dtype, mode="fused")
