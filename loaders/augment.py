@@ -7,7 +7,8 @@ Two stages, shared by every backend:
 * **photometry** (per batch, float tensors on the training device): ``photometric`` applies colour
   jitter in a random order per sample, grayscale, gaussian blur and (opt-in) normalization to
   ``[N, 3, H, W]`` with per-sample parameters, masks and ``torch.where`` / index_copy - never a
-  Python loop over samples. ``finish_views`` is the last stage every backend calls.
+  Python loop over samples. ``finish_views`` is the last stage every backend calls. On CUDA the
+  default is the compiled fused path (``loaders/fused_photometry.py``: four passes over the pixels).
 
 The semantic reference is google-research/simclr ``tf2/data_util.py`` and the TF kernels it calls
 (``sample_distorted_bounding_box``, ``adjust_hue``, ``adjust_saturation``, ``adjust_contrast``,
@@ -23,7 +24,7 @@ Summary:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import threading
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .spec import AugmentSpec, CropSpec
 
 try:  # OpenCV is ~1.5x faster than PIL for decode and resize; PIL is the fallback.
     import cv2
-except Exception:  # pragma: no cover - exercised only where OpenCV is missing
+except Exception:  # noqa: BLE001  # pragma: no cover - a broken OpenCV fails in many ways; PIL covers all
     cv2 = None
 
 # tf.image.rgb_to_grayscale (ITU-R 601-2 luma, TF's rounding of the constants).
@@ -156,7 +157,7 @@ _CV2_INTERP = {"bicubic": "INTER_CUBIC", "bilinear": "INTER_LINEAR"}
 
 
 def crop_resize(img: np.ndarray, boxes: np.ndarray, size: int, interpolation: str = "bicubic",
-                flips: Optional[np.ndarray] = None) -> np.ndarray:
+                flips: np.ndarray | None = None) -> np.ndarray:
     """Cut ``boxes`` ((y0, x0, h, w) rows) out of ONE decoded uint8 image and resize each to
     ``size x size``: uint8 ``[k, size, size, 3]``. ``flips[i]`` mirrors crop i horizontally.
 
@@ -436,8 +437,8 @@ def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int, method: str = "auto"
 # Random parameters and the batched photometric pipeline
 # ----------------------------------------------------------------------------------------------
 
-def sample_photometric_params(n: int, spec: AugmentSpec, generator: Optional[torch.Generator] = None,
-                              device=None) -> Dict[str, torch.Tensor]:
+def sample_photometric_params(n: int, spec: AugmentSpec, generator: torch.Generator | None = None,
+                              device=None) -> dict[str, torch.Tensor]:
     """Per-sample random parameters of ``photometric`` for a batch of ``n``, drawn from
     ``generator`` on ``device`` with one ``torch.rand(n, 12)`` (columns: jitter?, brightness,
     contrast, saturation, hue, 4 order keys, grayscale?, blur?, sigma). Returned keys:
@@ -453,7 +454,7 @@ def sample_photometric_params(n: int, spec: AugmentSpec, generator: Optional[tor
     if device is None:
         device = generator.device if generator is not None else "cpu"
     u = torch.rand(n, 12, generator=generator, device=device, dtype=torch.float32)
-    p: Dict[str, torch.Tensor] = {}
+    p: dict[str, torch.Tensor] = {}
     j = spec.jitter
     if j is not None:
         b, c, s, h = j.factors
@@ -467,8 +468,10 @@ def sample_photometric_params(n: int, spec: AugmentSpec, generator: Optional[tor
             order = torch.argsort(u[:, 5:9], dim=1)
         else:
             order = torch.arange(4, device=device).expand(n, 4).clone()
-        strengths = torch.tensor([b, c, s, h], device=device)
-        off = (~p["jitter"])[:, None] | (strengths[order] == 0)  # TF skips ops of strength 0
+        off = (~p["jitter"])[:, None].expand(n, 4)
+        for o, strength in enumerate((b, c, s, h)):  # TF skips ops of strength 0
+            if strength == 0:  # (a host-side test: a device tensor of strengths would be a blocking copy)
+                off = off | (order == o)
         p["order"] = torch.where(off, torch.full_like(order, NO_OP), order)
     else:
         p["jitter"] = torch.zeros(n, dtype=torch.bool, device=device)
@@ -495,6 +498,18 @@ _JITTER_OPS = {
 # CPU: photometric works on chunks of this many images so that the ~30 temporaries of an op stay
 # in cache (measured ~2-4x faster per image than whole-batch ops on a 2-core machine).
 CPU_CHUNK = 8
+MODES = ("auto", "subset", "where", "fused")
+
+
+def resolve_mode(mode: str, device) -> str:
+    """``mode`` with "auto" made concrete for ``device``: fused on CUDA (compiled, no host sync),
+    subset on the CPU (eager exact work: no compile cost on first use), where elsewhere."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    kind = torch.device(device).type
+    return "fused" if kind == "cuda" else "subset" if kind == "cpu" else "where"
 
 
 def _apply_where(y: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -511,11 +526,11 @@ def _apply_subset(y: torch.Tensor, idx: torch.Tensor, fn) -> None:
     y.index_copy_(0, idx, fn(y.index_select(0, idx), idx).to(y.dtype))
 
 
-def _take(v: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+def _take(v: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return v if idx is None else v.index_select(0, idx)
 
 
-def _jitter_subset(y: torch.Tensor, p: Dict[str, torch.Tensor]) -> None:
+def _jitter_subset(y: torch.Tensor, p: dict[str, torch.Tensor]) -> None:
     """Colour jitter on a (chunk) view y, in place: each op on exactly the samples that have it at
     position j. nonzero() syncs with the host: CPU only."""
     order = p["order"]
@@ -526,7 +541,7 @@ def _jitter_subset(y: torch.Tensor, p: Dict[str, torch.Tensor]) -> None:
                           lambda t, idx, fn=fn, f=f: fn(t, _take(f, idx)).clamp_(0.0, 1.0))
 
 
-def _jitter_where(y: torch.Tensor, p: Dict[str, torch.Tensor], factors) -> torch.Tensor:
+def _jitter_where(y: torch.Tensor, p: dict[str, torch.Tensor], factors) -> torch.Tensor:
     """Colour jitter with no host sync: at each position every op runs on the whole batch and
     torch.where keeps it for the samples that have it there (4 positions x 4 ops)."""
     order = p["order"]
@@ -539,8 +554,8 @@ def _jitter_where(y: torch.Tensor, p: Dict[str, torch.Tensor], factors) -> torch
     return y
 
 
-def photometric(x: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Generator] = None,
-                params: Optional[Dict[str, torch.Tensor]] = None, return_params: bool = False,
+def photometric(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None,
+                params: dict[str, torch.Tensor] | None = None, return_params: bool = False,
                 inplace: bool = False, mode: str = "auto"):
     """SimCLR colour augmentation of a batch: ``x`` [N, 3, H, W] float in [0, 1] -> same shape,
     dtype, device and memory format (channels_last stays channels_last).
@@ -551,12 +566,17 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Ge
     (x - mean) / std.
 
     Random op order, exact and without a loop over samples: ``order[n, j]`` is the op at position j
-    of sample n (a uniform random permutation). For each position j and op o, op o is applied to
-    the samples with ``order[:, j] == o`` (16 masked applications; each sample gets its 4 ops).
-    ``mode``: "subset" gathers those samples and runs the op on them only (exact work; nonzero()
-    syncs the host, fine on CPU; processed in chunks of CPU_CHUNK images for cache locality),
-    "where" runs every op on the whole batch and selects with torch.where (~4x the arithmetic, no
-    host sync: for GPUs), "auto" = subset on CPU, where elsewhere. Both give the same result.
+    of sample n (a uniform random permutation). ``mode`` picks the kernels; all give the same result:
+      * "subset": for each position j and op o, op o runs on exactly the samples with
+        ``order[:, j] == o`` (exact work; nonzero() syncs the host, fine on CPU; chunks of CPU_CHUNK
+        images for cache locality). The reference the others are tested against.
+      * "where": every op on the whole batch at every position, selected with torch.where (~4x the
+        arithmetic, ~230 unfused passes, no host sync).
+      * "fused": ``fused_photometry`` - the whole recipe as four compiled passes (torch.compile:
+        Triton on CUDA, C++ on CPU; no host sync). The first call per image size / dtype compiles
+        (seconds to a minute on a CPU, cached on disk); without a working compiler the same graphs
+        run eagerly (slow, logged). float64 inputs use "subset" on CPU and "where" elsewhere.
+      * "auto": fused on CUDA, subset on the CPU (no compile cost on first use), where elsewhere.
     bf16/fp16 inputs are computed in fp32 and returned in their dtype.
 
     ``generator`` must live on x's device. ``params`` (``sample_photometric_params``) replaces the
@@ -568,12 +588,21 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Ge
     N, _, H, _ = x.shape
     if params is None:
         params = sample_photometric_params(N, spec, generator, device=x.device)
-    if mode == "auto":
+    mode = resolve_mode(mode, x.device)
+    if mode == "fused" and x.dtype == torch.float64:  # the graphs compute in fp32
         mode = "subset" if x.device.type == "cpu" else "where"
-    if mode not in ("subset", "where"):
-        raise ValueError(f"mode must be auto, subset or where, got {mode!r}")
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     in_dtype = x.dtype
+    if mode == "fused":
+        from .fused_photometry import fused_photometric
+        # The graphs take float32 NCHW (one graph for every input dtype / layout: a conversion pass
+        # here, none for float32 NCHW; finish_views feeds uint8 crops straight in).
+        src = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        dst = src if (inplace or src is not x) else torch.empty_like(src)
+        out = fused_photometric(src, spec, params, dst)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = out.to(dtype=in_dtype, memory_format=fmt)
+        return (out, params) if return_params else out
     work = torch.float64 if in_dtype == torch.float64 else torch.float32
     if mode == "subset":  # plain NCHW: the per-channel ops are ~2x faster on it than channels_last
         y = x.to(dtype=work, memory_format=torch.contiguous_format)
@@ -612,8 +641,58 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Ge
     return (out, params) if return_params else out
 
 
-def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: Optional[torch.Generator], dtype,
-                 device=None, mode: str = "auto") -> List[torch.Tensor]:
+class _HostBuffers(threading.local):
+    """Per-thread cache of large CPU buffers, one per role (work / out), for finish_views. A fresh
+    38.5 MB buffer (64 views of 224 px in float32) costs ~30 ms of page faults on every call; a
+    reused one costs none. Reuse rule (the ``out`` role's buffer is what finish_views returns):
+
+      a cached buffer is handed out again only when nothing outside this cache references its
+      storage (the views returned last time, and every view or numpy array made from them, are
+      gone) and it was never moved to shared memory (a DataLoader worker's result is: the other
+      process still reads it). Otherwise it is dropped from the cache and a fresh one allocated.
+
+    So a view you hold is never overwritten; its memory is recycled only after you let go of it.
+    The price: the last work and out buffers stay allocated (2 x 38.5 MB for 64 views of 224 px in
+    float32); ``release_buffers()`` frees them.
+    """
+
+    def __init__(self):
+        self.bufs: dict[str, tuple] = {}
+
+    def get(self, role: str, shape, dtype, memory_format) -> torch.Tensor:
+        key = (tuple(shape), dtype, memory_format)
+        entry = self.bufs.get(role)
+        if entry is not None:
+            ekey, buf, base = entry
+            if ekey == key and base is not None and not buf.is_shared() and _storage_uses(buf) == base:
+                return buf
+            del self.bufs[role]
+        buf = torch.empty(shape, dtype=dtype, memory_format=memory_format)
+        self.bufs[role] = (key, buf, _storage_uses(buf))
+        return buf
+
+
+def _storage_uses(t: torch.Tensor) -> int | None:
+    """References to t's storage (tensors, views, this call's own handle); None where the torch
+    build has no such counter (then nothing is ever reused)."""
+    try:
+        return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - private API changed or missing
+        return None
+
+
+_host_buffers = _HostBuffers()
+
+
+def release_buffers() -> None:
+    """Free this thread's cached finish_views buffers and fused-photometry scratch buffers."""
+    from .fused_photometry import clear_buffers
+    _host_buffers.bufs.clear()
+    clear_buffers()
+
+
+def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None, dtype,
+                 device=None, mode: str = "auto", out: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The last stage of every backend: uint8 crops ``[B, K, S, S, 3]`` (NHWC, any device) ->
     K views ``[B, 3, S, S]`` in ``dtype``, channels_last, on ``device`` (default: crops' device),
     values in [0, 1] (or normalized when spec.normalize).
@@ -621,7 +700,15 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: Optional[tor
     All B*K images go through ``photometric`` at once, view-major (images k*B..(k+1)*B-1 are view
     k), so each returned view is a contiguous channels_last slice of one buffer. ``generator`` must
     live on the target device. The host-to-device copy is non_blocking: pin ``crops`` for overlap.
-    ``mode``: ``photometric``'s (data.photometry_mode).
+    ``mode``: ``photometric``'s (data.photometry_mode); auto = fused on CUDA, subset on the CPU.
+    "fused" reads the uint8 crops directly and writes the views in ``dtype``, channels_last: four
+    passes in all (see fused_photometry).
+
+    ``out``: optional ``[K*B, 3, S, S]`` tensor in ``dtype``, channels_last, on the target device,
+    that receives the views (they are its slices): e.g. a shared-memory tensor allocated by a
+    DataLoader worker, so the batch crosses to the main process without another copy.
+    Otherwise, on the CPU, the float32 work buffer and the output are reused across calls under the
+    rule of ``_HostBuffers``: the returned views are never overwritten while anything references them.
     """
     if crops.ndim != 5 or crops.shape[-1] != 3 or crops.dtype != torch.uint8:
         raise ValueError(f"expected uint8 [B, K, S, S, 3], got {crops.dtype} {tuple(crops.shape)}")
@@ -629,10 +716,33 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: Optional[tor
         crops = crops.to(device, non_blocking=True)
     B, K, S1, S2, _ = crops.shape
     cpu = crops.device.type == "cpu"
+    mode = resolve_mode(mode, crops.device)
+    shape = (K * B, 3, S1, S2)
+    cl = torch.channels_last
+
+    if out is not None and (tuple(out.shape) != shape or out.dtype != dtype or out.device != crops.device
+                            or not out.is_contiguous(memory_format=cl)):
+        raise ValueError(f"out must be {dtype} {shape} channels_last on {crops.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+
+    def buffer(role, dt, fmt):
+        if role == "out" and out is not None:
+            return out
+        return _host_buffers.get(role, shape, dt, fmt) if cpu else torch.empty(
+            shape, dtype=dt, device=crops.device, memory_format=fmt)
+
+    if spec.has_photometry and mode == "fused":
+        from .fused_photometry import fused_photometric
+        params = sample_photometric_params(K * B, spec, generator, device=crops.device)
+        out = fused_photometric(crops, spec, params, buffer("out", dtype, cl))
+        return list(out.split(B, dim=0))
     # CPU: photometric runs on plain NCHW (faster there); one final pass makes it channels_last.
     # GPU: channels_last from the start; the uint8 -> float copy is the only layout pass.
-    fmt = torch.contiguous_format if (cpu and spec.has_photometry) else torch.channels_last
-    x = torch.empty((K * B, 3, S1, S2), dtype=torch.float32, device=crops.device, memory_format=fmt)
+    fmt = torch.contiguous_format if (cpu and spec.has_photometry) else cl
+    if spec.has_photometry or dtype != torch.float32:
+        work = x = buffer("work", torch.float32, fmt)
+    else:
+        work, x = None, buffer("out", torch.float32, fmt)  # x is the result: the out role's rule applies
     # One fused pass: uint8 -> float, [B, K] -> view-major [K, B], NHWC -> x's layout.
     # TF deviation: the crops were resized and rounded in uint8 (TF resizes the float image), so
     # the colour ops see values quantized to 1/255 (<= 0.5/255 from TF's, before the ops).
@@ -640,5 +750,6 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: Optional[tor
     x.mul_(1.0 / 255.0)  # TF convert_image_dtype: cast, then * (1 / 255)
     if spec.has_photometry:
         x = photometric(x, spec, generator, inplace=True, mode=mode)
-    x = x.to(dtype=dtype, memory_format=torch.channels_last)
+    if x is work or not (x.dtype == dtype and x.is_contiguous(memory_format=cl)):
+        x = buffer("out", dtype, cl).copy_(x)  # the work buffer never leaves
     return list(x.split(B, dim=0))
