@@ -47,7 +47,8 @@ class ModelConfig:
     ft_proj_selector: int = option(1, "fine-tune from the output of head layer k (0 = backbone, -1 = last)", ge=-1)
     channels_last: bool = option(True, "run the model in channels_last memory format")
     sync_bn: bool = option(True, "global BatchNorm across ranks (SyncBatchNorm) when distributed")
-    compile: bool = option(False, "torch.compile the model")
+    compile: Optional[bool] = option(None, "torch.compile the model (and LARS's step): none = auto (on a GPU yes, on "
+                                     "the CPU no: compiling costs more there than it saves), true or false")
 
 
 @dataclass
@@ -90,6 +91,9 @@ class BaseRunConfig:
     overwrite: bool = option(False, "a fresh run may delete the checkpoints (and best.pt, log.jsonl) another "
                              "run left in out_dir; without it that is an error")
     deterministic: bool = option(False, "deterministic algorithms (CPU exact-resume tests)")
+    cuda_graphs: Optional[bool] = option(None, "capture the whole step (forward, loss, backward, LARS) as one CUDA "
+                                         "graph and replay it: none = auto (on where supported: one GPU, LARS, "
+                                         "no grad accumulation, queue or fp16), true or false")
     progress: bool = option(True, "show a progress bar")
 
 

@@ -94,10 +94,12 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return parse_dtype(name)
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
+def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
+    """Mixed precision in ``dtype`` (nothing for float32). ``cache=False`` inside a CUDA-graph capture:
+    autocast's cache of cast weights would otherwise outlive the graph's memory."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache)
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -288,6 +290,10 @@ def start_run(cfg, min_batch: int = 1) -> Run:
     per_rank = per_rank_batch(cfg.optim.global_batch_size, cfg.optim.grad_accum, world, min_batch)
     train_path, val_path, is_demo = resolve_data_path(cfg.data.path, cfg.data.backend, cfg.run.val_path)
     r = cfg.run
+    # torch.compile's generated code (inductor, FX graph cache) outlives the run: the next run of the same
+    # model loads it instead of compiling again.
+    from loaders.demo_data import cache_dir
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
     try:
         ckpts = ckpt.RunCheckpoints(r.out_dir, r.keep_last, r.resume, r.overwrite, RUN_FILES, main=dist.is_main())
     except ValueError as e:

@@ -22,8 +22,10 @@ run. Nothing in the hot loop syncs with the host except the log read and the che
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +62,7 @@ class Task:
 class TrainStep:
     """One optimizer step over ``grad_accum`` micro-batches (forward under autocast, loss, backward,
     optimizer, zero_grad, the task's after_step). Used by the Trainer and by the benchmark's step
-    stage, so both time the same code."""
+    stage, so both time the same code. ``GraphedStep`` is the same step replayed from a CUDA graph."""
 
     def __init__(self, model: nn.Module, forward: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
                  device: torch.device, dtype: torch.dtype, grad_accum: int = 1,
@@ -86,6 +88,99 @@ class TrainStep:
         return loss, metrics
 
 
+class GraphedStep(TrainStep):
+    """The step captured once as one CUDA graph (forward, loss, backward, optimizer) and replayed.
+
+    With the whole step in one graph the GPU runs it back to back: no Python, no kernel launches, no
+    host sync. The first ``warmup`` steps run eagerly on a side stream (cuDNN picks its algorithms,
+    torch.compile compiles, the optimizer creates its buffers), then the next batch is copied into
+    static input buffers, the step is captured and replayed; every later batch is copied into the same
+    buffers (a device-to-device copy: the loader already brought it to the GPU on a side stream) and
+    the graph replayed. The optimizer must be capturable (LARS(capturable=True) with a tensor lr, which
+    ``runtime.set_lr`` fills in place before each replay). The returned loss and metrics are the
+    graph's static outputs: read or accumulate them before the next step (the StepMeter does, on the
+    stream). Replays compute exactly what the eager step computes.
+
+    ``capture(body) -> replay``: ``cuda_capture`` records ``body`` into a CUDA graph; the CPU tests pass
+    a stand-in that replays ``body`` eagerly, which checks the static-buffer plumbing (not CUDA)."""
+
+    def __init__(self, *args, warmup: int = 3, capture=None, **kw):
+        super().__init__(*args, **kw)
+        if self.grad_accum != 1 or self.after_step is not None or self.scaler.is_enabled():
+            raise ValueError("a CUDA-graph step needs grad_accum=1, no after_step and no fp16 loss scaling")
+        self.warmup, self.capture = warmup, capture or cuda_capture
+        self.done, self.replay = 0, None
+        self.static_batch = self.static_out = None
+
+    def _copy_in(self, batch: Batch) -> None:
+        for s, v in zip(self.static_batch.views, batch.views):
+            s.copy_(v, non_blocking=True)
+        if batch.labels is not None:
+            self.static_batch.labels.copy_(batch.labels, non_blocking=True)
+
+    def _body(self) -> None:
+        """What the graph holds. Its outputs are static tensors, rewritten by every replay."""
+        with runtime.autocast(self.device, self.dtype, cache=False):
+            loss, metrics = self.loss_fn(self.forward, self.static_batch)
+        loss.backward()
+        self.optimizer.step()
+        self.static_out = (loss.detach(), {k: v.detach() for k, v in metrics.items()})
+
+    def __call__(self, next_batch: Callable[[], Batch]):
+        batch = next_batch()
+        if self.done < self.warmup:
+            self.done += 1
+            side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                out = super().__call__(lambda: batch)
+            if side is not None:
+                torch.cuda.current_stream(self.device).wait_stream(side)
+            return out
+        if self.replay is None:
+            self.static_batch = Batch([v.clone() for v in batch.views],
+                                      None if batch.labels is None else batch.labels.clone())
+            self.optimizer.zero_grad(set_to_none=True)  # so the captured backward writes the grads, not adds
+            self.replay = self.capture(self._body)
+        else:
+            self._copy_in(batch)
+        self.replay()
+        return self.static_out
+
+
+def cuda_capture(body: Callable[[], None]) -> Callable[[], None]:
+    """Record ``body`` (run once, on the GPU, as a capture: nothing executes) into a CUDA graph; return
+    its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
+def resolve_compile(cfg, run: runtime.Run) -> bool:
+    """model.compile: none = on a GPU yes, on the CPU no."""
+    on = cfg.model.compile
+    return run.device.type == "cuda" if on is None else bool(on)
+
+
+def graphs_unsupported(cfg, run: runtime.Run, task: Task) -> str | None:
+    """Why the step cannot be one CUDA graph here (None: it can)."""
+    if run.device.type != "cuda":
+        return "CUDA graphs need a GPU"
+    if run.world > 1:
+        return "under torchrun (DDP's collectives are not captured here)"
+    if cfg.optim.grad_accum != 1:
+        return "with gradient accumulation"
+    if cfg.optim.optimizer != "lars":
+        return f"with optim.optimizer={cfg.optim.optimizer} (only LARS is capturable here)"
+    if task.after_step is not None:
+        return "with the memory queue (its EMA update runs between steps)"
+    if run.dtype == torch.float16:
+        return "with fp16 (loss scaling syncs with the host); use bf16"
+    return None
+
+
 def wrap_model(model: nn.Module, cfg, run: runtime.Run) -> tuple[nn.Module, nn.Module]:
     """(model on the device: channels_last, global BN; the forward to call: DDP and/or torch.compile)."""
     model = model.to(run.device)
@@ -97,7 +192,7 @@ def wrap_model(model: nn.Module, cfg, run: runtime.Run) -> tuple[nn.Module, nn.M
     if run.world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
-    if cfg.model.compile:
+    if resolve_compile(cfg, run):
         forward = torch.compile(forward)
     return model, forward
 
@@ -121,9 +216,21 @@ class Trainer:
         self.model, forward = wrap_model(task.model, cfg, run)
         for m in task.state.values():
             m.to(run.device)
-        self.optimizer = task.make_optimizer(self.model, self.peak_lr)
-        self.step_fn = TrainStep(self.model, forward, task.loss_fn, self.optimizer, run.device, run.dtype,
-                                 o.grad_accum, task.after_step)
+        self.compiled = resolve_compile(cfg, run)
+        why_not = graphs_unsupported(cfg, run, task)
+        self.graphs = cfg.run.cuda_graphs is not False and why_not is None
+        if why_not is not None and (cfg.run.cuda_graphs or (cfg.run.cuda_graphs is None and run.device.type == "cuda")):
+            dist.print0(f"{prog}: the step runs without a CUDA graph {why_not}")
+        # A captured step reads its learning rate from a device tensor, filled in place each step.
+        lr = torch.tensor(self.peak_lr, device=run.device) if self.graphs else self.peak_lr
+        kw = {"capturable": True} if self.graphs else {}
+        if self.compiled and cfg.optim.optimizer == "lars":
+            kw["compiled"] = True
+        self.optimizer = task.make_optimizer(self.model, lr, **kw)
+        self.lr_tensor = lr if self.graphs else None
+        step_cls = GraphedStep if self.graphs else TrainStep
+        self.step_fn = step_cls(self.model, forward, task.loss_fn, self.optimizer, run.device, run.dtype,
+                                o.grad_accum, task.after_step)
         self.ckpts = run.ckpts
         self.step = 0
         self.log = runtime.JsonlLog(os.path.join(run.out_dir, "log.jsonl"))
@@ -144,6 +251,9 @@ class Trainer:
             self.task.load_fields(str(path), state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_tensor is not None:  # the saved lr (a float, or another tensor) replaces ours: undo
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.lr_tensor
         self.step_fn.scaler.load_state_dict(state["scaler"])
         for name, m in self.task.state.items():
             if name in state:
@@ -191,6 +301,7 @@ class Trainer:
         meter = runtime.StepMeter(self.run.device)  # sums on the device: read (a host sync) every log_every
         first_loss = final_loss = None
         evaluated_at = -1
+        first_step = True
         self.model.train()
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
@@ -201,8 +312,17 @@ class Trainer:
                     break
                 lr = self.lr(self.step)
                 runtime.set_lr(self.optimizer, lr)
+                t_step = time.perf_counter() if first_step else 0.0
                 loss, metrics = self.step_fn(lambda: meter.next_batch(it))
                 self.step += 1
+                if first_step and (self.compiled or self.graphs):
+                    # The first step pays for torch.compile (inductor's disk cache makes later runs
+                    # cheaper): one sync, once, so the log says what compiling cost.
+                    if self.run.device.type == "cuda":
+                        torch.cuda.synchronize(self.run.device)
+                    self.log.write(event="first_step", step=self.step, compiled=self.compiled,
+                                   cuda_graph=self.graphs, seconds=round(time.perf_counter() - t_step, 2))
+                first_step = False
                 meter.add(self.step, loss, **metrics)
                 bar.update(1)
                 if self.step % run.log_every == 0 or self.step == self.total_steps:

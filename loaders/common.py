@@ -76,9 +76,11 @@ class LoaderConfig:
     dtype: str = option("float32", "dtype of the views", ("float32", "bfloat16", "float16"))
     decode_device: str = option("cpu", "torch backend: decode JPEGs on cpu workers or cuda (nvJPEG)", ("cpu", "cuda"))
     photometry_device: str = option("auto", "where colour ops run: auto (the training device) or cpu", ("auto", "cpu"))
-    photometry_mode: str = option("auto", "colour-op kernels: auto (GPU: where, CPU: subset), where (every op on the "
-                              "whole batch, masked: no host sync) or subset (each op on its own samples: less "
-                              "work, host syncs)", ("auto", "where", "subset"))
+    photometry_mode: str = option("auto", "colour-op kernels: auto (GPU: fused, CPU: subset), fused (the whole recipe "
+                                  "as two torch.compile'd graphs: no host sync; on a CPU it compiles once, "
+                                  "~1 min cold), subset (each op on its own samples: exact work, host syncs) or "
+                                  "where (every op on the whole batch, masked: no host sync)",
+                                  ("auto", "fused", "subset", "where"))
     jitter_strength: float = option(1.0, "colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)",
                                     ge=0)
     blur: bool = option(True, "gaussian blur p=0.5 (TF turns it off for 32px CIFAR-like data)")

@@ -102,8 +102,10 @@ class _BatchDataset(torch.utils.data.Dataset):
     builds the batch array in place and returns it without a collate copy)."""
 
     def __init__(self, samples, spec: AugmentSpec, seed: int, rank: int, world_size: int, batch_size: int,
-                 shuffle: bool, bytes_only: bool, photometry_dtype: Optional[torch.dtype] = None):
+                 shuffle: bool, bytes_only: bool, photometry_dtype: Optional[torch.dtype] = None,
+                 photometry_mode: str = "auto"):
         self.photometry_dtype = photometry_dtype   # set: run finish_views here (CPU photometry)
+        self.photometry_mode = photometry_mode
         self.paths = _PathTable([p for p, _ in samples])
         self.labels = np.asarray([label for _, label in samples], np.int64)
         self.spec, self.seed, self.rank, self.world_size = spec, seed, rank, world_size
@@ -180,8 +182,12 @@ class _BatchDataset(torch.utils.data.Dataset):
         if self.bytes_only:
             out.update(data=data, boxes=torch.from_numpy(boxes), flips=torch.from_numpy(flips))
         elif self.photometry_dtype is not None:
+            # In a worker the views go straight into shared memory: the batch then crosses to the main
+            # process without the copy the DataLoader's pickler would make.
+            shared = _shared_views(n * K, S, self.photometry_dtype) if _in_worker() else None
             out["views"] = augment.finish_views(torch.from_numpy(crops), spec, photometry_generator(
-                self.seed, epoch, self.rank, b, "cpu"), self.photometry_dtype)
+                self.seed, epoch, self.rank, b, "cpu"), self.photometry_dtype, mode=self.photometry_mode,
+                out=shared)
         else:
             out["crops"] = torch.from_numpy(crops)
         return out
@@ -204,6 +210,16 @@ class _EpochBatches(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.steps
+
+
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
+def _shared_views(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized ``[n, 3, size, size]`` channels_last tensor in shared memory."""
+    storage = torch.UntypedStorage._new_shared(n * 3 * size * size * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, (n, 3, size, size), (3 * size * size, 1, 3 * size, 3))
 
 
 def _worker_init(_):
@@ -247,7 +263,18 @@ class TorchLoader(BaseLoader):
                                       and cfg.num_workers > 0)
         self.dataset = _BatchDataset(self.samples, spec, cfg.seed, rank, world_size, cfg.batch_size,
                                      shuffle=cfg.train, bytes_only=self.main_decode_device is not None,
-                                     photometry_dtype=self.dtype if self.photometry_in_workers else None)
+                                     photometry_dtype=self.dtype if self.photometry_in_workers else None,
+                                     photometry_mode=cfg.photometry_mode)
+        if self.photometry_in_workers and augment.resolve_mode(cfg.photometry_mode, "cpu") == "fused":
+            # Compiled CPU graphs: built here, single-threaded like the workers, before they fork
+            # (each worker would otherwise compile its own, slowly and with every core).
+            from .fused_photometry import warmup
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                warmup(spec, cfg.batch_size, self.dtype, "cpu")
+            finally:
+                torch.set_num_threads(threads)
         self._sampler = _EpochBatches(len(self))
         self._dl = None
 
@@ -316,6 +343,7 @@ class TorchLoader(BaseLoader):
             self.last_used_indices = used.numpy()
             views = [v.to(self.device, non_blocking=True) for v in views]
             yield Batch(views, labels.to(self.device, non_blocking=True))
+            views = item = None  # let finish_views reuse its buffers for the next batch
         self.report_skipped(epoch)
 
     # -- GPU decode path -----------------------------------------------------------------------

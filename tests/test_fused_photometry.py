@@ -5,10 +5,12 @@ the same parameters the fused path must match it within 1e-5 in fp32 and 2e-2 in
 value of each axis: seeds, fp32 / bf16, NCHW / channels_last input, batch 1 / 7 / 64, image size 32 /
 224 (blur kernels 3 / 23); plus the edge cases the formula branches on.
 
-On a CPU the graphs compile with inductor's C++ backend. Compiling is slow (tens of seconds per graph
-cold, a few seconds from inductor's disk cache), so the tests share one set of graphs: photometric
-feeds every input as float32 NCHW (graphs per image size only), finish_views adds the uint8 graphs.
-``test_no_recompile_across_batch_sizes`` counts the graphs.
+The graphs are plain torch functions that ``torch.compile`` turns into kernels (inductor: Triton on
+a GPU, C++ on a CPU). Compiling them on a CPU costs about a minute per graph when inductor's cache is
+cold (a fresh CI machine), so most tests run the very same graph functions eagerly
+(``FASTCLR_FUSED_EAGER=1``): they check the formulas. ``COMPILED`` tests run inductor's C++ code for
+the production graph (uint8 crops -> fp32 views, 32 px) and check it against the same oracle, and that
+no batch size adds a graph. On a GPU the ``gpu`` tests check the Triton kernels.
 """
 from __future__ import annotations
 
@@ -21,6 +23,14 @@ from loaders import fused_photometry as FP
 from loaders.spec import JitterSpec, simclr
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# Tests that compile (inductor C++ on this machine); the others run the same graphs eagerly.
+COMPILED = {"test_finish_views_fused_matches_subset[torch.float32]", "test_no_recompile_across_batch_sizes"}
+
+
+@pytest.fixture(autouse=True)
+def _eager_unless_compiled(request, monkeypatch):
+    if request.node.name not in COMPILED and not request.node.get_closest_marker("gpu"):
+        monkeypatch.setenv("FASTCLR_FUSED_EAGER", "1")
 
 # Pixels the formula branches on: gray (C == 0), black, white, primaries, two-channel ties, and hues
 # either side of the sector wrap at h = 0 / 6 (r max, b just above or below g).
@@ -240,13 +250,12 @@ def test_no_recompile_across_batch_sizes():
     from torch._dynamo.utils import counters
     spec = simclr(32)
     crops = torch.randint(0, 256, (3, 2, 32, 32, 3), dtype=torch.uint8)
-    A.finish_views(crops, spec, torch.Generator().manual_seed(0), torch.bfloat16, mode="fused")
-    A.photometric(images(3, 32, 0), spec, torch.Generator().manual_seed(0), mode="fused")
+    A.finish_views(crops, spec, torch.Generator().manual_seed(0), torch.float32, mode="fused")
     before = counters["stats"]["unique_graphs"]
+    assert before > 0, "the fused path did not compile"
     for n in (1, 2, 7, 64):
         crops = torch.randint(0, 256, (n, 2, 32, 32, 3), dtype=torch.uint8)
-        A.finish_views(crops, spec, torch.Generator().manual_seed(n), torch.bfloat16, mode="fused")
-        A.photometric(images(n, 32, n), spec, torch.Generator().manual_seed(n), mode="fused")
+        A.finish_views(crops, spec, torch.Generator().manual_seed(n), torch.float32, mode="fused")
     assert counters["stats"]["unique_graphs"] == before
 
 
