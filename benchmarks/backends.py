@@ -59,12 +59,13 @@ def loader_variants(args, device) -> list[tuple]:
         if b == "torch" and torch.device(device).type == "cuda":
             out.append(("fastclr torch (nvJPEG decode)", b, {"decode_device": "cuda"}))
             if getattr(args, "variants", True):
-                # The colour ops are the GPU's largest data cost (README): each op on its own samples
-                # (host syncs) against the default masked whole-batch ops (4x the arithmetic, no sync).
+                # The colour ops against the default fused graphs (auto on a GPU): each op on its own
+                # samples (host syncs), and every op on the whole batch, masked (4x the arithmetic).
                 out.append(("fastclr torch (colour ops on exact subsets)", b, {"photometry_mode": "subset"}))
+                out.append(("fastclr torch (masked whole-batch colour ops)", b, {"photometry_mode": "where"}))
         if b == "dali" and torch.device(device).type == "cuda" and getattr(args, "variants", True):
             # DALI's two design choices, each against the default row above in the same run: the TF-exact
-            # augment.py colour ops instead of DALI's, and ROI decode per view instead of decode once.
+            # augment.py colour ops (fused on a GPU) instead of DALI's, and ROI decode per view.
             out.append(("fastclr dali (augment.py colour ops)", b,
                         {"dali_photometry": "torch", "dali_roi_decode": False}))
             out.append(("fastclr dali (ROI decode per view)", b,

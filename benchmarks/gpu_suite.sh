@@ -11,8 +11,8 @@
 # whole files, the FFCV sdist and the native kit FFCV builds against (libturbojpeg + OpenCV core /
 # imgproc, headers and shared libraries).
 #
-# Phases (each under `timeout`, all inside a time budget of FASTCLR_SUITE_BUDGET_S, default 470 s;
-# a failed phase does not stop the suite):
+# Phases (each under `timeout`, all inside a time budget of FASTCLR_SUITE_BUDGET_S, default 540 s;
+# a failed phase does not stop the suite; the most important measurements run first):
 #   assemble        reassemble split files, verify sha256 against SHA256SUMS
 #   build_tools     setuptools/wheel if missing (needed by --no-build-isolation)
 #   install_fastclr pip install --no-deps --no-build-isolation -e .
@@ -23,9 +23,12 @@
 #                   (each install is skipped when its package already imports, e.g. on a warm machine
 #                   where an earlier call installed it)
 #   env             nvidia-smi, torch/DALI/FFCV import check -> OUT_DIR/logs/env.log
+#   throughput_core throughput.py --device cuda --stages photometry,step,e2e (the colour recipe alone,
+#                   every step variant, each backend on the fastest step) -> OUT_DIR/gpu-core.json
 #   pytest_gpu      pytest -m gpu -q [-k "$FASTCLR_SUITE_PYTEST_K"], junit xml -> OUT_DIR/junit-gpu.xml
-#   throughput      benchmarks/throughput.py --device cuda (all backends) + hw_decoder_load sweep
-#                   [+ $FASTCLR_SUITE_THROUGHPUT_ARGS]
+#   throughput_rest the other stages + hw_decoder_load sweep -> OUT_DIR/gpu-rest.json
+#                   (both throughput phases [+ $FASTCLR_SUITE_THROUGHPUT_ARGS])
+#   merge           merge_results.py: OUT_DIR/gpu.json (+ charts) from the two
 # OUT_DIR gets summary.json (every phase: status, exit code, seconds), logs/, gpu.json and charts.
 # Exit status: 0 if no phase failed, 1 otherwise. --dry-run prints every command and checks the
 # carry layout without running anything (works on a CPU machine).
@@ -209,7 +212,7 @@ main() {
     OUT_DIR=${pos[1]:-gpu_out}
     PY=$(find_python)
     export PYTHON="$PY"  # the internal subcommands use the same interpreter
-    BUDGET=${FASTCLR_SUITE_BUDGET_S:-470}
+    BUDGET=${FASTCLR_SUITE_BUDGET_S:-540}
     STARTED=$(date -Iseconds)
     DEADLINE=$(( $(date +%s) + BUDGET ))
     cd "$REPO"
@@ -253,21 +256,37 @@ main() {
     export LD_LIBRARY_PATH="$native/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # works even if the editable install failed
     phase env 30 0 bash "$SELF" __env
-    # pytest leaves >= 240 s of the budget to the benchmark.
-    # FASTCLR_SUITE_PYTEST_K narrows the GPU tests (pytest -k), e.g. to "dali" when an earlier call on the
-    # same machine already ran the others.
-    local -a kexpr=()
-    [[ -z "${FASTCLR_SUITE_PYTEST_K:-}" ]] || kexpr=(-k "$FASTCLR_SUITE_PYTEST_K")
-    phase pytest_gpu 150 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${kexpr[@]+"${kexpr[@]}"}" \
-        --junitxml="$OUT_DIR/junit-gpu.xml"
-    # FASTCLR_SUITE_THROUGHPUT_ARGS: extra throughput.py options, appended (a later --stages wins), e.g.
-    # "--stages augment,e2e,step" when an earlier call on the same machine measured the other stages.
+    # FASTCLR_SUITE_THROUGHPUT_ARGS: extra throughput.py options, appended to both runs (a later --stages
+    # wins), e.g. "--backends torch" when an earlier call on the same machine measured the others.
     local -a targs=()
     [[ -z "${FASTCLR_SUITE_THROUGHPUT_ARGS:-}" ]] || read -r -a targs <<< "$FASTCLR_SUITE_THROUGHPUT_ARGS"
-    phase throughput 330 0 "$PY" benchmarks/throughput.py --device cuda --out "$OUT_DIR/gpu.json" --sweep "$SWEEP" \
-        "${targs[@]+"${targs[@]}"}"
-    if (( ! DRY_RUN )) && [[ -f "$OUT_DIR/logs/throughput.log" ]]; then
-        grep -v '^\[throughput\]' "$OUT_DIR/logs/throughput.log" | tail -n 80 || true
+    # First what the goals are about: the colour recipe, the step variants and end to end (each row is in
+    # the JSON as soon as it is measured, so a time-out keeps what ran). It leaves >= 200 s for the rest.
+    phase throughput_core 300 200 "$PY" benchmarks/throughput.py --device cuda --stages photometry,step,e2e \
+        --out "$OUT_DIR/gpu-core.json" "${targs[@]+"${targs[@]}"}"
+    # FASTCLR_SUITE_PYTEST_K narrows the GPU tests (pytest -k), e.g. to "dali" when an earlier call on the
+    # same machine already ran the others. pytest leaves >= 90 s to the other stages.
+    local -a kexpr=()
+    [[ -z "${FASTCLR_SUITE_PYTEST_K:-}" ]] || kexpr=(-k "$FASTCLR_SUITE_PYTEST_K")
+    phase pytest_gpu 180 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${kexpr[@]+"${kexpr[@]}"}" \
+        --junitxml="$OUT_DIR/junit-gpu.xml"
+    phase throughput_rest 300 10 "$PY" benchmarks/throughput.py --device cuda \
+        --stages read,decode,geometry,augment,h2d,model,loss,optim --sweep "$SWEEP" \
+        --out "$OUT_DIR/gpu-rest.json" "${targs[@]+"${targs[@]}"}"
+    local -a jsons=()
+    local f
+    for f in gpu-core.json gpu-rest.json; do
+        if (( DRY_RUN )) || [[ -f "$OUT_DIR/$f" ]]; then jsons+=("$OUT_DIR/$f"); fi
+    done
+    if (( ${#jsons[@]} )); then
+        phase merge 60 0 "$PY" benchmarks/merge_results.py "$OUT_DIR/gpu.json" "${jsons[@]}"
+    else
+        skip_phase merge "no throughput JSON was written"
+    fi
+    if (( ! DRY_RUN )); then
+        for f in throughput_core throughput_rest; do
+            [[ -f "$OUT_DIR/logs/$f.log" ]] && grep -v '^\[throughput\]' "$OUT_DIR/logs/$f.log" | tail -n 60
+        done
     fi
 
     write_summary

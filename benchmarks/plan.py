@@ -10,12 +10,13 @@ import torch
 
 from benchmarks import ROOT
 
-STAGES = ("read", "decode", "geometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
+STAGES = ("read", "decode", "geometry", "photometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
 BACKENDS = ("torch", "dali", "ffcv")
 SWEEPABLE = {  # parameter -> stages it affects
     "num_threads": ("augment", "e2e"),
     "hw_decoder_load": ("augment", "e2e"),
     "batch_size": ("augment", "model", "step", "e2e"),
+    "photometry_views": ("photometry",),
 }
 K = 2  # views per image (SimCLR)
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")  # --dtypes, in loaders.common.parse_dtype's names
@@ -44,9 +45,15 @@ class Plan:
     loss_iters: int = 3
     optim_arch: str = "r50_1x_sk0"
     optim_iters: int = 3
+    photometry_views: int = 64      # views per finish_views call (the GPU goal is ms per 512 views)
+    photometry_iters: int = 3
     step_arch: str = "r18_1x_sk0"
     step_batch: int = 8
     step_iters: int = 2
+    # The step's variants (TrainStep eager / torch.compile'd model / one CUDA graph / both) at step_batch,
+    # then the fastest one at each of step_batches (images per GPU, 2 views each).
+    step_variants: list[str] = field(default_factory=lambda: ["eager"])
+    step_batches: list[int] = field(default_factory=list)
     e2e_arch: str = "r18_1x_sk0"
     e2e_batch: int = 8
     e2e_warmup: int = 1
@@ -63,22 +70,25 @@ def make_plan(device: str, quick: bool) -> Plan:
                  loader_warmup=2, loader_batches=6, archs=["r50_1x_sk0", "r18_1x_sk0"], dtypes=["bf16", "fp32"],
                  model_batch=256, model_warmup=2, model_iters=5, compile=True,
                  loss_batches=[256, 1024, 4096, 8192], loss_chunk=1024, loss_iters=10,
-                 optim_iters=20, step_arch="r50_1x_sk0", step_batch=256, step_iters=6,
-                 e2e_arch="r50_1x_sk0", e2e_batch=256, e2e_warmup=2, e2e_iters=6, min_time=0.2)
+                 optim_iters=20, photometry_views=512, photometry_iters=20, step_arch="r50_1x_sk0",
+                 step_batch=256, step_iters=6, step_variants=["eager", "compiled", "graph", "compiled+graph"],
+                 step_batches=[384, 512], e2e_arch="r50_1x_sk0", e2e_batch=256, e2e_warmup=4, e2e_iters=6,
+                 min_time=0.2)
         if quick:
             p = replace(p, classes=4, per_class=64, batch=64, stage_images=64, loader_batches=3,
                         archs=["r18_1x_sk0"], dtypes=["bf16"], model_batch=64, model_iters=3, compile=False,
                         loss_batches=[256, 1024], loss_iters=3, optim_arch="r18_1x_sk0", optim_iters=3,
-                        step_arch="r18_1x_sk0", step_batch=64, step_iters=3, e2e_arch="r18_1x_sk0",
-                        e2e_batch=64, e2e_warmup=1, e2e_iters=3)
+                        photometry_views=128, photometry_iters=3, step_arch="r18_1x_sk0", step_batch=64,
+                        step_iters=3, step_variants=["eager", "graph"], step_batches=[], e2e_arch="r18_1x_sk0",
+                        e2e_batch=64, e2e_warmup=4, e2e_iters=3)
         return p
     p = Plan(workers=min(cores, 8))
     if quick:
         p = replace(p, size=64, classes=4, per_class=8, batch=8, workers=min(cores, 2), stage_images=32,
                     loader_warmup=1, loader_batches=2, archs=["r18_1x_sk0"], model_batch=4, model_iters=1,
                     loss_batches=[64, 256], loss_chunk=64, loss_ratio_batch=256, loss_iters=2,
-                    optim_arch="r18_1x_sk0", optim_iters=2, step_batch=4, step_iters=1, e2e_batch=8,
-                    e2e_iters=1, min_time=0.05)
+                    optim_arch="r18_1x_sk0", optim_iters=2, photometry_views=8, photometry_iters=1, step_batch=4,
+                    step_iters=1, e2e_batch=8, e2e_iters=1, min_time=0.05)
     return p
 
 
@@ -152,6 +162,10 @@ def apply_overrides(plan: Plan, args) -> Plan:
             raise SystemExit(f"throughput.py: error: unknown dtype(s) {bad}; choose from {', '.join(DTYPE_CHOICES)}")
     if args.compile is not None:
         kw["compile"] = args.compile
+        variants = [v for v in plan.step_variants if "compiled" not in v]
+        if args.compile:
+            variants += [v for v in ("compiled", "compiled+graph") if "graph" not in v or "graph" in variants]
+        kw["step_variants"] = variants
     return replace(plan, **kw)
 
 
@@ -160,6 +174,8 @@ def sweep_plan(plan: Plan, param: str, value) -> Plan:
         return replace(plan, workers=int(value))
     if param == "hw_decoder_load":
         return replace(plan, hw_decoder_load=float(value))
+    if param == "photometry_views":
+        return replace(plan, photometry_views=int(value))
     return replace(plan, batch=int(value), step_batch=int(value), e2e_batch=int(value), model_batch=int(value))
 
 

@@ -21,9 +21,11 @@ SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 CARRY = ROOT / "benchmarks" / "gpu" / "carry.sh"
 INSTALL = ROOT / "benchmarks" / "gpu" / "install.sh"
 DEPS = ROOT / "benchmarks" / "gpu" / "deps.py"
-STAGES = ("read", "decode", "geometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
+STAGES = ("read", "decode", "geometry", "photometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
 RATIOS = ("augment_vs_torchvision", "augment_vs_lightly", "lars_fused_vs_loop", "ntxent_vs_lightly",
-          "loss_chunked_memory_flat", "e2e_vs_synthetic_step", "loader_two_view_images_per_s")
+          "loss_chunked_memory_flat", "e2e_vs_synthetic_step", "loader_two_view_images_per_s",
+          "e2e_vs_synthetic_step_every_backend", "step_views_per_s", "lars_vs_sgd_floor",
+          "photometry_fused_ms_per_512_views")
 
 
 def _run(cmd, timeout, env=None, cwd=ROOT):
@@ -108,6 +110,12 @@ def test_quick_every_stage_ok_or_skipped_with_reason(quick_result):
     loss = stages["loss"]["rows"]
     assert {r["impl"] for r in loss if r.get("status") != "skipped"} >= {"fastclr-dense", "fastclr-chunked"}
     assert all(r["peak_mem_bytes"] >= 0 for r in loss if r.get("status") != "skipped")
+    # The colour recipe alone: the CPU default (subset) and the masked form ran; compiled is opt-in here.
+    photometry = {r["mode"]: r for r in stages["photometry"]["rows"]}
+    assert photometry["subset"].get("ms_per_512_views", 0) > 0 and photometry["where"].get("ms_per_512_views", 0) > 0
+    assert photometry["fused"]["status"] == "skipped" and "--compile" in photometry["fused"]["reason"]
+    # The step's eager variant ran (a CUDA graph needs a GPU).
+    assert [r.get("variant") for r in stages["step"]["rows"]] == ["eager"]
     e2e = stages["e2e"]["rows"]
     assert [r.get("backend") for r in e2e] == ["torch"]
     for r in e2e:
@@ -215,7 +223,10 @@ def test_gpu_suite_dry_run(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["dry_run"] is True and summary["ok"] is True
     names = [p["name"] for p in summary["phases"]]
-    assert {"assemble", "install_fastclr", "pytest_gpu", "throughput"} <= set(names)
+    # the goals' stages first, then the tests, the other stages and the merged JSON
+    assert {"assemble", "install_fastclr", "pytest_gpu", "throughput_core", "throughput_rest", "merge"} <= set(names)
+    assert names.index("throughput_core") < names.index("pytest_gpu") < names.index("throughput_rest")
+    assert "--stages photometry,step,e2e" in out and "merge_results.py" in out
     assert all({"status", "rc", "seconds"} <= set(p) for p in summary["phases"])
 
 

@@ -2,8 +2,9 @@
 data and device) that returns ``{"status", "rows", ["reason"], ["notes"]}``; a row may itself be
 skipped, with its reason.
 
-    host      read, decode, geometry
-    loading   augment, h2d
+    host        read, decode, geometry
+    photometry  the colour recipe alone, per implementation
+    loading     augment, h2d
     compute   model, loss, optim
     training  step, e2e (the step: benchmarks.train_step)
 """
@@ -15,11 +16,12 @@ import traceback
 from benchmarks.plan import STAGES
 from benchmarks.report import log, stage_table
 from benchmarks.rows import err, skip_stage
-from benchmarks.stages import compute, host, loading, training
+from benchmarks.stages import compute, host, loading, photometry, training
 from benchmarks.stages.bench import Bench
 
 RUNNERS = {
     "read": host.stage_read, "decode": host.stage_decode, "geometry": host.stage_geometry,
+    "photometry": photometry.stage_photometry,
     "augment": loading.stage_augment, "h2d": loading.stage_h2d,
     "model": compute.stage_model, "loss": compute.stage_loss, "optim": compute.stage_optim,
     "step": training.stage_step, "e2e": training.stage_e2e,

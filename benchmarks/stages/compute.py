@@ -111,6 +111,20 @@ def stage_loss(b: Bench):
                                 "the inputs")
 
 
+class _graphed:
+    """An optimizer whose step() replays its step captured as a CUDA graph (as the trainer's step runs it)."""
+
+    def __init__(self, opt):
+        from fastclr.trainer import cuda_capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warmup: compiles, creates the momentum and scratch buffers
+            for _ in range(3):
+                opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.step = cuda_capture(opt.step)
+
+
 def stage_optim(b: Bench):
     from fastclr.lars import LARS
     from fastclr.models import build_model, parse_model_name
@@ -124,6 +138,13 @@ def stage_optim(b: Bench):
     lr, mom, wd, eta = 0.1, 0.9, 1e-6, 1e-3
     impls = [("fastclr LARS (fused, no sync)", "fastclr",
               lambda: LARS(params, lr=lr, momentum=mom, weight_decay=wd, eta=eta, mode="tf")),
+             ("fastclr LARS compiled", "fastclr-compiled",
+              (lambda: LARS(params, lr=torch.tensor(lr, device=b.device), momentum=mom, weight_decay=wd, eta=eta,
+                            mode="tf", capturable=True, compiled=True)) if p.compile else None),
+             ("fastclr LARS compiled, in a CUDA graph", "fastclr-graph",
+              (lambda: _graphed(LARS(params, lr=torch.tensor(lr, device=b.device), momentum=mom, weight_decay=wd,
+                                     eta=eta, mode="tf", capturable=True, compiled=True)))
+              if p.compile and b.cuda else None),
              ("per-parameter loop with .item()", "loop", lambda: NaiveLARS(params, lr, mom, wd, eta)),
              ("torch SGD foreach (no trust ratio; floor)", "sgd-foreach",
               lambda: torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd, foreach=True))]
@@ -138,7 +159,9 @@ def stage_optim(b: Bench):
     rows = []
     for name, impl, make in impls:
         if make is None:
-            rows.append(skipped_row(name, LIGHTLY_MISSING, impl=impl))
+            why = (LIGHTLY_MISSING if impl == "lightly" else "a CUDA graph needs a GPU" if impl == "fastclr-graph"
+                   and p.compile else "torch.compile off (CPU default, or --no-compile): pass --compile")
+            rows.append(skipped_row(name, why, impl=impl))
             continue
         try:
             opt = make()

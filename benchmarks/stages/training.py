@@ -1,6 +1,6 @@
-"""The training stages: ``step`` (the training step on synthetic views, the ceiling) and ``e2e``
-(the same step fed by each real backend, with the share of time spent waiting for data). The step
-itself is benchmarks.train_step.make_train_step."""
+"""The training stages: ``step`` (the training step on synthetic views, the ceiling: every variant,
+then the fastest at larger batches) and ``e2e`` (the fastest step fed by each real backend, with the
+share of time spent waiting for data). The step itself is benchmarks.train_step.make_train_step."""
 from __future__ import annotations
 
 import time
@@ -9,26 +9,54 @@ import torch
 
 from benchmarks.backends import batches, build_fastclr_loader, close_loader, loader_variants
 from benchmarks.plan import K
-from benchmarks.rows import err, ok_stage, row, skipped_row
+from benchmarks.rows import err, ok_stage, row, skip_stage, skipped_row
 from benchmarks.stages.bench import Bench
 from benchmarks.timing import free, sync, timed
-from benchmarks.train_step import make_train_step
+from benchmarks.train_step import GRAPH_WARMUP, make_train_step
 from loaders.common import dtype_name, parse_dtype
 
 
 def stage_step(b: Bench):
+    """Every step variant at step_batch; then the fastest at each of step_batches, with peak memory."""
     p = b.plan
-    B = p.step_batch
     dname = p.dtypes[0]
-    step, _ = make_train_step(p.step_arch, b.device, parse_dtype(dname))
+    rows = [_time_step(b, variant, p.step_batch, dname) for variant in p.step_variants]
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    if ok:
+        best = max(ok, key=lambda r: r["images_per_s"])
+        b.best_step_variant = best["variant"]
+        rows += [_time_step(b, best["variant"], B, dname) for B in p.step_batches]
+    return ok_stage(rows, notes="fwd + NT-Xent + bwd + LARS on synthetic views (no data loading): the ceiling "
+                                "for e2e; variants: eager, torch.compile'd model and LARS, one CUDA graph")
+
+
+def _time_step(b: Bench, variant: str, B: int, dname: str) -> dict:
+    p = b.plan
+    name = f"{p.step_arch} {dname} B={B} {variant}"
+    try:
+        step, _ = make_train_step(p.step_arch, b.device, parse_dtype(dname), variant)
+    except Exception as e:
+        return skipped_row(name, f"failed: {err(e)}", variant=variant, batch=B)
     views = [torch.rand(B, 3, p.size, p.size, device=b.device).contiguous(memory_format=torch.channels_last)
              for _ in range(K)]
-    dt = timed(lambda: step(views), b.device, 1, p.step_iters)
-    step = views = None
-    free(b.device)
-    return ok_stage([row(f"{p.step_arch} {dname} B={B}", impl="fastclr", arch=p.step_arch, dtype=dname, batch=B,
-                         size=p.size, images_per_s=B / dt, views_per_s=K * B / dt, seconds_per_step=dt)],
-                    notes="fwd + NT-Xent + bwd + LARS on synthetic views (no data loading): the ceiling for e2e")
+    try:
+        if b.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step(views)  # compiles / autotunes
+        sync(b.device)
+        first = time.perf_counter() - t0
+        warmup = GRAPH_WARMUP + 1 if "graph" in variant else 1
+        dt = timed(lambda: step(views), b.device, warmup, p.step_iters)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if b.cuda else None
+        return row(name, impl="fastclr", arch=p.step_arch, dtype=dname, batch=B, size=p.size, variant=variant,
+                   images_per_s=B / dt, views_per_s=K * B / dt, seconds_per_step=dt, first_step_seconds=first,
+                   **({"peak_mem_gib": peak} if peak is not None else {}))
+    except Exception as e:
+        return skipped_row(name, f"failed: {err(e)}", variant=variant, batch=B)
+    finally:
+        step = views = None
+        free(b.device)
 
 
 def stage_e2e(b: Bench):
@@ -36,7 +64,12 @@ def stage_e2e(b: Bench):
     B = p.e2e_batch
     dname = p.dtypes[0]
     rows = []
-    step, _ = make_train_step(p.e2e_arch, b.device, parse_dtype(dname))
+    # The fastest step of this run's step stage (else the plan's last, most optimized, variant).
+    variant = getattr(b, "best_step_variant", None) or p.step_variants[-1]
+    try:
+        step, _ = make_train_step(p.e2e_arch, b.device, parse_dtype(dname), variant)
+    except Exception as e:
+        return skip_stage(f"the {variant} step failed to build: {err(e)}")
     for name, backend, extra in loader_variants(b.args, b.device):
         loader, why = build_fastclr_loader(backend, b.data, p, b.device, B, dtype_name(parse_dtype(dname)), extra)
         if loader is None:
@@ -57,7 +90,7 @@ def stage_e2e(b: Bench):
             sync(b.device)
             dt = time.perf_counter() - t0
             rows.append(row(name, backend=backend, impl="fastclr", arch=p.e2e_arch, dtype=dname, batch=B,
-                            workers=p.workers, images_per_s=p.e2e_iters * B / dt,
+                            variant=variant, workers=p.workers, images_per_s=p.e2e_iters * B / dt,
                             views_per_s=K * p.e2e_iters * B / dt, seconds_per_step=dt / p.e2e_iters,
                             data_wait=min(wait / dt, 1.0)))
         except Exception as e:
