@@ -4,8 +4,8 @@ Same AugmentSpec, same random draw (``augment.sample_photometric_params``), same
 exact-subset oracle ``photometric(mode="subset")``; no host sync and no Python loop over samples.
 
 Why it fuses: every jitter op is one per-pixel formula with per-sample parameters. With V = max,
-C = max - min, h = TF's hue sector coordinate (``augment._hue_value_chroma``) and
-t_c(h) = clamp(min(k, 4 - k), 0, 1), k = (h + n_c) mod 6, n = (5, 3, 1) (``_from_hue_value_chroma``):
+C = max - min, h = TF's hue sector coordinate (``colour._hue_value_chroma``) and
+t_c(h) = clamp(min(k, 4 - k), 0, 1), k = (h + n_c) mod 6, n = (5, 3, 1) (``colour._from_hue_value_chroma``):
 
     out_c = clamp(alpha * (V - kappa * t_c(h + delta)) + beta_c, 0, 1),  kappa = min(s * C, V)
 
@@ -123,14 +123,14 @@ def _op(r, g, b, alpha, s, delta, beta):
     """One jitter op, the unified formula, on channel planes [N, H, W] (params broadcast [N, 1, 1])."""
     v = torch.maximum(torch.maximum(r, g), b)
     c = v - torch.minimum(torch.minimum(r, g), b)
-    # augment._hue_value_chroma with the same sector priority (r is max, else g, else b).
+    # colour._hue_value_chroma with the same sector priority (r is max, else g, else b).
     h = torch.where(r == v, g - b, torch.where(g == v, (b - r) + 2.0 * c, (r - g) + 4.0 * c))
     h = h / c.clamp_min(1e-12)
     kappa = torch.minimum(s * c, v)
     out = []
     for i, n in enumerate((5.0, 3.0, 1.0)):
         k = h + (delta + n)
-        k = k - torch.floor(k * (1.0 / 6.0)) * 6.0  # mod 6, augment._mod6's floor form
+        k = k - torch.floor(k * (1.0 / 6.0)) * 6.0  # mod 6, colour._mod6's floor form
         t = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
         out.append((alpha * (v - kappa * t) + beta[i]).clamp(0.0, 1.0))
     return out
@@ -185,7 +185,7 @@ def _blur_graph(src: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, std: tor
     """Separable blur with per-sample taps ``w`` [N, K] (identity rows: no blur), clip, (y - mean) /
     std, store into ``out`` [N, 3, H, W] (any dtype / layout). ``src`` = [N, 3, H, W + 2R] with zero
     borders; ``tmp`` = [N, 3, H + 2R, W] with zero borders (R = K // 2; both unused when K == 1).
-    Tap order as augment._blur_taps: centre first, then left to right."""
+    Tap order as colour._blur_taps: centre first, then left to right."""
     H, W = out.shape[2], out.shape[3]
     K = w.shape[1]
     R = K // 2
