@@ -103,6 +103,8 @@ class RunConfig(BaseRunConfig):
     val_path: str = option("", "val ImageFolder for k-NN (empty: the demo val set when data.path is empty)")
     knn_train_size: int = option(10000, "k-NN: train images in the feature bank (class-balanced subset)", ge=1)
     knn_val_size: int = option(2000, "k-NN: val images scored", ge=1)
+    probe_labels_per_class: int = option(60, "linear probe at the end: labelled bank images per class (60 = "
+                                         "1 % of Fashion-MNIST's train labels; 0 = no probe)", ge=0)
 
 
 @dataclass

@@ -1,8 +1,11 @@
-"""k-NN evaluation of a backbone: cosine similarity, k nearest train features vote with weight
-exp(sim / T) (the weighted k-NN of Wu et al. 2018, used by the SSL literature as a quick probe).
+"""The probes pretraining ends with: k-NN (cosine similarity, the k nearest train features vote with
+weight exp(sim / T): the weighted k-NN of Wu et al. 2018, the SSL literature's quick probe) and a
+linear probe trained on few labels (logistic regression on frozen features: the paper's claim, label
+efficiency, in one number).
 
-Used at the end of pretraining to show that learning happened: the same k-NN on the same images
-for the trained backbone and for that backbone at its random initialization."""
+Both run on the same images for the trained backbone, for that backbone at its random
+initialization, and for the raw pixels (the reference a learned feature must beat), with the same
+protocol for all three."""
 from __future__ import annotations
 
 import copy
@@ -31,6 +34,34 @@ def knn_top1(train_f, train_y, val_f, val_y, k: int = 20, t: float = 0.07, num_c
         votes.scatter_add_(1, train_y[idx], (top / t).exp())
         correct += (votes.argmax(1) == val_y[s:s + chunk]).sum().item()
     return correct / len(val_f)
+
+
+def linear_probe_top1(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                      l2: float = 1e-3, max_iter: int = 300, num_classes: Optional[int] = None) -> float:
+    """Top-1 on val of a multinomial logistic regression trained on ``train_f`` (standardized with
+    the train statistics; L-BFGS to convergence with an l2 penalty ``l2 * |W|^2``): deterministic and
+    the same for learned features and for raw pixels."""
+    num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+    mu, sd = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    x, v = (train_f - mu) / sd, (val_f - mu) / sd
+    w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, train_y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return (v @ w + b).argmax(1).eq(val_y).float().mean().item()
+
+
+def first_per_class(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the first ``n`` samples of every class (in order): a fixed labelled subset."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:n] for c in labels.unique()])
 
 
 def balanced_list(root: str, n: int, seed: int, out_path: str) -> str:
@@ -63,21 +94,28 @@ def knn_report(backbone, init_state: Optional[Dict[str, torch.Tensor]], train_pa
                                 batch_size=256, dtype="float32", backend="torch")
         return loaders.build(c, rank=0, world_size=1, device=device)
 
-    def score(net):
-        """k-NN top-1 of a backbone's features (None: the raw pixels), L2-normalized (cosine)."""
+    def score(net, name):
+        """k-NN top-1 of a backbone's features (None: the raw pixels), L2-normalized (cosine), and the
+        linear probe on the first ``run.probe_labels_per_class`` bank images of every class."""
         if net is not None:
             net.eval()
         (tf, ty), (vf, vy) = (extract(net, loader_for(split, path), device, dtype, cfg.model.channels_last)
                               for split, path in (("train", train_path), ("val", val_path)))
-        return knn_top1(F.normalize(tf, dim=1), ty, F.normalize(vf, dim=1), vy)
+        out[f"knn_top1{name}"] = knn_top1(F.normalize(tf, dim=1), ty, F.normalize(vf, dim=1), vy)
+        if run.probe_labels_per_class:
+            few = first_per_class(ty, run.probe_labels_per_class)
+            out[f"probe_top1{name}"] = linear_probe_top1(tf[few].cpu(), ty[few].cpu(), vf.cpu(), vy.cpu())
+            out["probe_labels"] = len(few)
 
     # Three scores on the same images: the trained backbone, the same backbone at its random init
     # (BN with its initial running statistics, so its features are nearly degenerate), and raw pixels.
-    out = {"knn_top1": score(backbone), "knn_top1_raw_pixels": score(None)}
+    out: Dict[str, float] = {}
+    score(backbone, "")
+    score(None, "_raw_pixels")
     if init_state is not None:
         random_net = copy.deepcopy(backbone)
         prefix = "backbone."
         random_net.load_state_dict({k[len(prefix):]: v for k, v in init_state.items() if k.startswith(prefix)})
-        out["knn_top1_random_init"] = score(random_net)
+        score(random_net, "_random_init")
     backbone.train()
     return out

@@ -94,9 +94,13 @@ def train(cfg: C.PretrainConfig) -> int:
         summary.update(knn_report(trainer.model.backbone, init_state, run.train_path, run.val_path, cfg,
                                   run.device, run.dtype))
         if "knn_top1" in summary:
-            message += (f"; k-NN top-1 on val: {summary['knn_top1']:.1%} trained vs "
-                        f"{summary['knn_top1_random_init']:.1%} at random init "
-                        f"({summary['knn_top1_raw_pixels']:.1%} on raw pixels)")
+            message += (f"\n  k-NN top-1 on val: {summary['knn_top1']:.1%} trained vs "
+                        f"{summary['knn_top1_raw_pixels']:.1%} on raw pixels (same k-NN), "
+                        f"{summary['knn_top1_random_init']:.1%} at random init")
+        if "probe_top1" in summary:
+            message += (f"\n  {summary['probe_labels']} labels (linear probe on frozen features): "
+                        f"{summary['probe_top1']:.1%} trained vs {summary['probe_top1_raw_pixels']:.1%} for "
+                        f"logistic regression on raw pixels")
     return trainer.finish(summary, message)
 
 

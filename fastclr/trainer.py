@@ -64,8 +64,8 @@ class TrainStep:
     optimizer, zero_grad, the task's after_step). Used by the Trainer and by the benchmark's step
     stage, so both time the same code. ``GraphedStep`` is the same step replayed from a CUDA graph."""
 
-    def __init__(self, model: nn.Module, forward: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-                 device: torch.device, dtype: torch.dtype, grad_accum: int = 1,
+    def __init__(self, model: nn.Module, forward: nn.Module, loss_fn: LossFn,
+                 optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype, grad_accum: int = 1,
                  after_step: Callable[[nn.Module, Batch], None] | None = None):
         """``model``: the plain module (what after_step gets); ``forward``: what to call (the model, or its
         DDP / compiled wrapper)."""
@@ -191,7 +191,8 @@ def wrap_model(model: nn.Module, cfg, run: runtime.Run) -> tuple[nn.Module, nn.M
     forward = model
     if run.world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+            broadcast_buffers=False)
     if resolve_compile(cfg, run):
         forward = torch.compile(forward)
     return model, forward
@@ -219,7 +220,8 @@ class Trainer:
         self.compiled = resolve_compile(cfg, run)
         why_not = graphs_unsupported(cfg, run, task)
         self.graphs = cfg.run.cuda_graphs is not False and why_not is None
-        if why_not is not None and (cfg.run.cuda_graphs or (cfg.run.cuda_graphs is None and run.device.type == "cuda")):
+        asked = cfg.run.cuda_graphs or (cfg.run.cuda_graphs is None and run.device.type == "cuda")
+        if why_not is not None and asked:
             dist.print0(f"{prog}: the step runs without a CUDA graph {why_not}")
         # A captured step reads its learning rate from a device tensor, filled in place each step.
         lr = torch.tensor(self.peak_lr, device=run.device) if self.graphs else self.peak_lr
@@ -244,7 +246,8 @@ class Trainer:
         found = self.ckpts.load_resume()
         if found is None:
             if self.cfg.run.resume == "auto":
-                dist.print0(f"{self.prog}: run.resume=auto: no checkpoint in {self.run.out_dir}, starting fresh")
+                dist.print0(f"{self.prog}: run.resume=auto: no checkpoint in {self.run.out_dir}, "
+                            f"starting fresh")
             return
         path, state = found
         if self.task.load_fields is not None:
@@ -291,10 +294,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, o, run = self.cfg, self.cfg.optim, self.cfg.run
         self._resume()
-        dist.print0(f"{self.prog}: {self.run.world} rank(s) on {self.run.device}, {runtime.dtype_name(self.run.dtype)}, "
+        dist.print0(f"{self.prog}: {self.run.world} rank(s) on {self.run.device}, "
+                    f"{runtime.dtype_name(self.run.dtype)}, "
                     f"global batch {o.global_batch_size} ({self.run.per_rank}/rank x {o.grad_accum} accum), "
                     f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {o.optimizer} peak lr "
-                    f"{self.peak_lr:.4g}, wd {o.weight_decay}, data: {cfg.data.backend} {self.run.train_path}")
+                    f"{self.peak_lr:.4g}, wd {o.weight_decay}, "
+                    f"data: {cfg.data.backend} {self.run.train_path}")
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.prog.replace(".py", ""), unit="step",
                    disable=not (dist.is_main() and run.progress), dynamic_ncols=True, mininterval=1.0)
         self.bar = bar
@@ -313,7 +318,7 @@ class Trainer:
                 lr = self.lr(self.step)
                 runtime.set_lr(self.optimizer, lr)
                 t_step = time.perf_counter() if first_step else 0.0
-                loss, metrics = self.step_fn(lambda: meter.next_batch(it))
+                loss, metrics = self.step_fn(lambda it=it: meter.next_batch(it))
                 self.step += 1
                 if first_step and (self.compiled or self.graphs):
                     # The first step pays for torch.compile (inductor's disk cache makes later runs
@@ -360,5 +365,7 @@ class Trainer:
         self.log.write(event="done", **summary)
         self.log.close()
         if dist.is_main():
-            print(f"{self.prog}: done: {message}; logs and checkpoints in {self.run.out_dir}", flush=True)
+            head, _, rest = message.partition("\n")  # further lines (the probes) follow the summary line
+            tail = f"\n{rest}" if rest else ""
+            print(f"{self.prog}: done: {head}; logs and checkpoints in {self.run.out_dir}{tail}", flush=True)
         return 0
