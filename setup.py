@@ -26,6 +26,8 @@ extras = {
     # Peers, used only by benchmarks/throughput.py as a same-run baseline.
     "peers": ["lightly"],
     "plot": ["matplotlib"],
+    # --run.tensorboard=true: the run log's scalars as TensorBoard event files.
+    "tensorboard": ["tensorboard"],
 }
 
 setup(
