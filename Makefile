@@ -1,6 +1,7 @@
 # fastclr — the README's commands. Everything a fresh machine needs is installed from here.
 #   make install   apt packages (when root) + .venv with pinned torch + fastclr[dali,ffcv,dev,peers,plot,tensorboard]
-#   make demo      the embedded default run: SimCLR on Fashion-MNIST, ~5 min on 2 CPU cores
+#   make demo      the embedded default run: SimCLR on Fashion-MNIST, ~5 min on 2 CPU cores; its curves
+#                  in runs/demo/curves.png
 #   make test      the CPU test suite (GPU tests: pytest -m gpu, or benchmarks/gpu_suite.sh)
 #   make bench     images/sec per stage and backend, with peers measured in the same run
 SHELL := /bin/bash
@@ -47,6 +48,7 @@ $(STAMP): setup.py Makefile
 
 demo: install
 	$(BIN)/torchrun --standalone --nproc_per_node=1 fastclr/pretrain.py
+	$(BIN)/python -m fastclr.plot runs/demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
