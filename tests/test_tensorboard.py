@@ -82,10 +82,16 @@ def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path):
 
 
 def test_overwrite_removes_the_old_event_files(tmp_path, image_folder):
+    """A fresh run with --run.overwrite=true starts a clean TensorBoard history, as it does log.jsonl."""
+    from fastclr import config as C
+    from fastclr import presets
     out = tmp_path / "run"
-    args = TINY + [f"--data.path={image_folder}", f"--run.out_dir={out}", "--run.max_steps=1",
-                   "--run.tensorboard=true", "--run.ckpt_every=1"]
-    assert pretrain.main(args) == 0
-    old = set(out.glob("events.out.tfevents.*"))
-    assert pretrain.main(args + ["--run.overwrite=true"]) == 0
-    assert old and not old & set(out.glob("events.out.tfevents.*"))
+    out.mkdir()
+    old = [out / "events.out.tfevents.1.host.1.0", out / "log.jsonl"]
+    for f in old:
+        f.write_text("an old run's\n")
+    cfg = C.parse_into(C.PretrainConfig(), TINY + [f"--data.path={image_folder}", f"--run.out_dir={out}",
+                                                   "--run.overwrite=true", "--run.tensorboard=true"],
+                       presets.PRETRAIN)
+    runtime.start_run(cfg)
+    assert not any(f.exists() for f in old)
