@@ -12,8 +12,8 @@ state). The loop, in order, every optimizer step:
         loss, metrics = loss_fn(forward, batch)   # under autocast (bf16/fp16) when asked
         backward(loss / grad_accum)               # scaled for fp16
     optimizer.step(); zero_grad(); after_step(batch)
-    every log_every steps: one host sync, a log.jsonl line (and TensorBoard scalars with run.tensorboard;
-                           NaN/inf stops the run)
+    every log_every steps: one host sync, a log.jsonl line (and TensorBoard scalars with
+                           run.tensorboard); a NaN/inf loss stops the run
     every ckpt_every steps and at the end: check the state is finite, write ckpt_<step>.pt
 
 Steps count from 1 in the log and in checkpoint names (the step just done). A resumed run restores
