@@ -1,6 +1,7 @@
 # fastclr — the README's commands. Everything a fresh machine needs is installed from here.
-#   make install   apt packages (when root) + .venv with pinned torch + fastclr[dali,ffcv,dev,peers]
-#   make demo      the embedded default run: SimCLR on Fashion-MNIST, ~5 min on 2 CPU cores
+#   make install   apt packages (when root) + .venv with pinned torch + fastclr[dali,ffcv,dev,peers,plot,tensorboard]
+#   make demo      the embedded default run: SimCLR on Fashion-MNIST, ~5 min on 2 CPU cores; its curves
+#                  in runs/demo/curves.png
 #   make test      the CPU test suite (GPU tests: pytest -m gpu, or benchmarks/gpu_suite.sh)
 #   make bench     images/sec per stage and backend, with peers measured in the same run
 SHELL := /bin/bash
@@ -42,11 +43,12 @@ $(STAMP): setup.py Makefile
 	$(BIN)/pip install -q $(TORCH_PINS)
 	# numpy/pkgconfig first: ffcv's setup.py needs them to build its C extension.
 	$(BIN)/pip install -q numpy pkgconfig setuptools wheel
-	$(BIN)/pip install -q --no-build-isolation -e '.[dali,ffcv,dev,peers,plot]' $(TORCH_PINS)
+	$(BIN)/pip install -q --no-build-isolation -e '.[dali,ffcv,dev,peers,plot,tensorboard]' $(TORCH_PINS)
 	@touch $@
 
 demo: install
 	$(BIN)/torchrun --standalone --nproc_per_node=1 fastclr/pretrain.py
+	$(BIN)/python -m fastclr.plot runs/demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

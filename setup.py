@@ -25,7 +25,10 @@ extras = {
     "dev": ["pytest>=8", "hypothesis", "ruff"],
     # Peers, used only by benchmarks/throughput.py as a same-run baseline.
     "peers": ["lightly"],
+    # Charts: benchmarks/report.py, python -m fastclr.plot, python -m loaders.preview.
     "plot": ["matplotlib"],
+    # --run.tensorboard=true: the run log's scalars as TensorBoard event files.
+    "tensorboard": ["tensorboard"],
 }
 
 setup(

@@ -85,6 +85,8 @@ class BaseRunConfig:
     precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", ("auto", "fp32", "bf16", "fp16"))
     max_steps: Optional[int] = option(None, "stop after this many steps (none = all epochs)", ge=0)
     log_every: int = option(20, "steps between logs (the only host syncs of the loop)", ge=1)
+    tensorboard: bool = option(False, "also write every logged number as TensorBoard scalars (train/loss, eval/top1, "
+                               "...) beside log.jsonl; needs fastclr[tensorboard]; tensorboard --logdir runs")
     ckpt_every: int = option(1000, "steps between checkpoints (and one at the end)", ge=1)
     keep_last: int = option(3, "checkpoints kept (0 = all)", ge=0)
     resume: str = option("", "'' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path")

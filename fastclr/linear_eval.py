@@ -154,7 +154,7 @@ def run(cfg: LinearEvalConfig) -> int:
         feats = (feats - mu) / sd
         if val is not None:
             val = ((val[0] - mu) / sd, val[1])
-    log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"))
+    log = runtime.RunLog(out_dir, tensorboard=cfg.run.tensorboard)
     secs = round(time.perf_counter() - t0, 2)
     log.write(event="features", path="fast",
               note="features extracted once with the eval recipe (centre crop); the linear layer trains on "

@@ -1,5 +1,6 @@
 """What every entry point (pretrain, finetune, distill, linear_eval) needs around its loop:
-device and precision choice, one-line user errors, the demo-data default, the JSONL log."""
+device and precision choice, one-line user errors, the demo-data default, the run log (log.jsonl and,
+when asked, TensorBoard)."""
 from __future__ import annotations
 
 import contextlib
@@ -144,24 +145,71 @@ def resolve_data_path(path: str, backend: str, val_path: str = "") -> Tuple[str,
     return demo_data.resolve("", "train"), val_path or demo_data.resolve("", "val"), True
 
 
-class JsonlLog:
-    """Appends one JSON object per line; rank 0 only. Flushed per write so a killed run keeps it."""
+LOG_NAME = "log.jsonl"
+TENSORBOARD_HINT = "pip install 'fastclr[tensorboard]'"
 
-    def __init__(self, path: Optional[str | os.PathLike]):
-        self.fh = None
-        if path is not None and dist.is_main():
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(path, "a", buffering=1)
+
+def summary_writer_class():
+    """torch's TensorBoard SummaryWriter; a one-line UserError naming the extra when the tensorboard
+    package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(f"run.tensorboard=true needs the tensorboard package: {TENSORBOARD_HINT}") from None
+    return SummaryWriter
+
+
+class RunLog:
+    """The run's log, rank 0 only, the one place every entry point's records go (the trainer's and
+    linear_eval's fast path): one JSON object per line in ``run_dir/log.jsonl``, flushed per write so a
+    killed run keeps it, and with ``tensorboard=True`` the same records as TensorBoard scalars in
+    event files beside it. ``run_dir=None`` writes nothing.
+
+    TensorBoard: every numeric field of a record (bools, strings and None are left out) becomes the
+    scalar ``<event>/<key>`` at the record's ``step`` (0 without one) and wall time ``time``: a
+    training record (no ``event``) gives ``train/loss``, ``train/lr``, ``train/images_per_s``...,
+    an ``eval`` record ``eval/top1``, the ``done`` record ``done/final_loss``. Writes happen only when
+    a record is written (every run.log_every steps), never in between."""
+
+    def __init__(self, run_dir: str | os.PathLike | None, tensorboard: bool = False):
+        self.fh = self.tb = None
+        if run_dir is None or not dist.is_main():
+            return
+        path = Path(run_dir, LOG_NAME)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torn = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+        self.fh = open(path, "a", buffering=1)  # noqa: SIM115  (open for the run's whole life)
+        if torn:  # a run killed mid-line: its fragment stays alone on its line, the next record parses
+            self.fh.write("\n")
+        if tensorboard:
+            self.tb = summary_writer_class()(log_dir=str(run_dir))
 
     def write(self, **record) -> None:
-        if self.fh is not None:
-            record.setdefault("time", round(time.time(), 3))
-            self.fh.write(json.dumps(record) + "\n")
+        if self.fh is None:
+            return
+        record.setdefault("time", round(time.time(), 3))
+        self.fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix, step = record.get("event", "train"), int(record.get("step") or 0)
+            for key, value in record.items():
+                if key not in ("event", "step", "time") and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{prefix}/{key}", value, step, walltime=record["time"])
+            self.tb.flush()  # like the JSON line: a killed run keeps what it logged
 
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
             self.fh = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def gpu_memory_gb(device: torch.device) -> float:
@@ -281,9 +329,12 @@ def start_run(cfg, min_batch: int = 1) -> Run:
     """Setup shared by every entry point, before any heavy work: process group, device, precision,
     per-rank batch, data paths (the demo set when data.path is empty), the run folder's checkpoints
     (a fresh run refuses a folder holding another run's, see checkpoint.RunCheckpoints), seeds,
-    determinism, and the resolved config written to run.out_dir/config.json. Bad input raises
-    UserError here, before anything in run.out_dir is touched."""
+    determinism, and the resolved config written to run.out_dir/config.json. Bad input (a missing
+    tensorboard package for run.tensorboard=true included) raises UserError here, before anything in
+    run.out_dir is touched."""
     from fastclr import config as C
+    if cfg.run.tensorboard:
+        summary_writer_class()  # a missing package fails here, not after the data and the model are built
     rank, world = dist.init()
     device = resolve_device(cfg.run.device)
     dtype = resolve_precision(cfg.run.precision, device)
@@ -299,7 +350,9 @@ def start_run(cfg, min_batch: int = 1) -> Run:
     except ValueError as e:
         raise UserError(str(e)) from None
     if r.overwrite and not r.resume and dist.is_main():
-        Path(r.out_dir, "log.jsonl").unlink(missing_ok=True)  # the old run's records would mix with ours
+        # The old run's records would mix with ours: its log and its TensorBoard event files go.
+        for old in (Path(r.out_dir, LOG_NAME), *Path(r.out_dir).glob("events.out.tfevents.*")):
+            old.unlink(missing_ok=True)
     seed_everything(cfg.run.seed, rank)
     set_deterministic(cfg.run.deterministic)
     if dist.is_main():

@@ -12,7 +12,8 @@ state). The loop, in order, every optimizer step:
         loss, metrics = loss_fn(forward, batch)   # under autocast (bf16/fp16) when asked
         backward(loss / grad_accum)               # scaled for fp16
     optimizer.step(); zero_grad(); after_step(batch)
-    every log_every steps: one host sync, a log.jsonl line (and NaN/inf stops the run)
+    every log_every steps: one host sync, a log.jsonl line (and TensorBoard scalars with
+                           run.tensorboard); a NaN/inf loss stops the run
     every ckpt_every steps and at the end: check the state is finite, write ckpt_<step>.pt
 
 Steps count from 1 in the log and in checkpoint names (the step just done). A resumed run restores
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -235,7 +235,7 @@ class Trainer:
                                 o.grad_accum, task.after_step)
         self.ckpts = run.ckpts
         self.step = 0
-        self.log = runtime.JsonlLog(os.path.join(run.out_dir, "log.jsonl"))
+        self.log = runtime.RunLog(run.out_dir, tensorboard=cfg.run.tensorboard)
 
     def lr(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based: the step about to be taken)."""

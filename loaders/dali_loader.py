@@ -70,6 +70,14 @@ def _seed(seed: int, epoch: int, rank: int, stream: int, bits: int = 63) -> int:
     return derive_seed(seed, epoch, rank, stream, 0x5A11, bits=bits)
 
 
+def torch_photometry_generator(seed: int, epoch: int, rank: int, device) -> torch.Generator:
+    """The stream of the colour ops of ``data.dali_photometry=torch`` for one epoch on one rank: every
+    batch's ``finish_views`` draws from it in turn (loaders.preview reads the first batch's back)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_seed(seed, epoch, rank, _TORCH_STREAM))
+    return gen
+
+
 # ------------------------------------------------------------------------------------------------
 # The source: this rank's shard, batch by batch, as encoded bytes
 # ------------------------------------------------------------------------------------------------
@@ -206,8 +214,7 @@ class DaliLoader(BaseLoader):
         self._open = True
         gen = None
         if self.cfg.dali_photometry == "torch":
-            gen = torch.Generator(device=self.photometry_device)
-            gen.manual_seed(_seed(self.cfg.seed, epoch, self.rank, _TORCH_STREAM))
+            gen = torch_photometry_generator(self.cfg.seed, epoch, self.rank, self.photometry_device)
         for _ in range(steps):
             outs = self._run()
             indices = np.asarray(outs[0].as_array(), dtype=np.int64).reshape(-1)

@@ -164,6 +164,30 @@ def hflip_inplace(img):
             row[b], row[b + 1], row[b + 2] = t0, t1, t2
 
 
+def sample_geometry(spec: AugmentSpec, seed: int, index: int, height: int, width: int):
+    """(boxes int64 [K, 4] of (y0, x0, h, w), flips bool [K]): what ``DecodeViews`` draws for .beton
+    sample ``index`` (``height`` x ``width`` as stored) in the epoch whose crop seed is ``seed``
+    (``epoch_seed(cfg.seed, epoch)``): the same per-sample stream and the same functions, called from
+    Python, so loaders.preview can say which crops FFCV cut."""
+    crop, K = spec.crop, spec.num_views
+    state = sample_state(np.uint64(seed), np.int64(index))
+    u = np.empty((4, crop.attempts), np.float64)
+    boxes, flips = np.zeros((K, 4), np.int64), np.zeros(K, bool)
+    for k in range(K):
+        if crop.random:
+            for a in range(crop.attempts):
+                for q in range(4):
+                    state, u[q, a] = next_uniform(np.uint64(state))  # (numba hands a uint64 back as an int)
+            boxes[k] = random_box(height, width, u, crop.scale[0], crop.scale[1], crop.ratio[0], crop.ratio[1],
+                                  TF_MIN_OBJECT_COVERED)
+        else:
+            boxes[k] = center_box(height, width, crop.center_fraction)
+        if spec.flip:
+            state, r = next_uniform(np.uint64(state))
+            flips[k] = r < 0.5
+    return boxes, flips
+
+
 # ----------------------------------------------------------------------------------------------
 # The decoder: one decode, K crops
 # ----------------------------------------------------------------------------------------------
