@@ -25,7 +25,8 @@
 #   env             nvidia-smi, torch/DALI/FFCV import check -> OUT_DIR/logs/env.log
 #   throughput_core throughput.py --device cuda --stages photometry,step,e2e (the colour recipe alone,
 #                   every step variant, each backend on the fastest step) -> OUT_DIR/gpu-core.json
-#   pytest_gpu      pytest -m gpu -q [-k "$FASTCLR_SUITE_PYTEST_K"], junit xml -> OUT_DIR/junit-gpu.xml
+#   pytest_gpu      pytest -m "gpu or slow" -q [-k "$FASTCLR_SUITE_PYTEST_K"] (the GPU tests, and the CPU
+#                   tests that compile with inductor: many cores compile fast), junit xml -> OUT_DIR/junit-gpu.xml
 #   throughput_rest the other stages + hw_decoder_load sweep -> OUT_DIR/gpu-rest.json
 #                   (both throughput phases [+ $FASTCLR_SUITE_THROUGHPUT_ARGS])
 #   merge           merge_results.py: OUT_DIR/gpu.json (+ charts) from the two
@@ -268,7 +269,7 @@ main() {
     # same machine already ran the others. pytest leaves >= 90 s to the other stages.
     local -a kexpr=()
     [[ -z "${FASTCLR_SUITE_PYTEST_K:-}" ]] || kexpr=(-k "$FASTCLR_SUITE_PYTEST_K")
-    phase pytest_gpu 180 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${kexpr[@]+"${kexpr[@]}"}" \
+    phase pytest_gpu 180 90 "$PY" -m pytest -m "gpu or slow" -q -p no:cacheprovider "${kexpr[@]+"${kexpr[@]}"}" \
         --junitxml="$OUT_DIR/junit-gpu.xml"
     phase throughput_rest 300 10 "$PY" benchmarks/throughput.py --device cuda \
         --stages read,decode,geometry,augment,h2d,model,loss,optim --sweep "$SWEEP" \

@@ -212,7 +212,7 @@ def _blur_graph(src: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, std: tor
 
 _GRAPHS = {"jitter": _jitter_graph, "blur": _blur_graph}
 _BATCH_ARGS = {"jitter": (0, 1, 2, 3), "blur": (0, 1, 4, 5)}  # positions of the [N, ...] tensors
-_compiled: dict[str, object] = {}
+_compiled: dict[tuple[str, str], object] = {}
 _compile_lock = threading.Lock()
 _compile_failed = False
 
@@ -223,10 +223,13 @@ def _use_eager() -> bool:
 
 def _graph(name: str):
     """The compiled graph ``name`` (created once per process; inductor caches the code on disk)."""
+    # FASTCLR_FUSED_BACKEND: torch.compile's backend (inductor; "eager" or "aot_eager" trace the same
+    # graphs without generating code: how the CPU tests check them quickly, and how to isolate a codegen bug)
+    backend = os.environ.get("FASTCLR_FUSED_BACKEND", "inductor")
     with _compile_lock:
-        if name not in _compiled:
-            _compiled[name] = torch.compile(_GRAPHS[name], fullgraph=True, dynamic=False)
-        return _compiled[name]
+        if (name, backend) not in _compiled:
+            _compiled[name, backend] = torch.compile(_GRAPHS[name], fullgraph=True, dynamic=False, backend=backend)
+        return _compiled[name, backend]
 
 
 def _run(name: str, args: tuple, kwargs: dict | None = None):

@@ -6,11 +6,14 @@ value of each axis: seeds, fp32 / bf16, NCHW / channels_last input, batch 1 / 7 
 224 (blur kernels 3 / 23); plus the edge cases the formula branches on.
 
 The graphs are plain torch functions that ``torch.compile`` turns into kernels (inductor: Triton on
-a GPU, C++ on a CPU). Compiling them on a CPU costs about a minute per graph when inductor's cache is
-cold (a fresh CI machine), so most tests run the very same graph functions eagerly
-(``FASTCLR_FUSED_EAGER=1``): they check the formulas. ``COMPILED`` tests run inductor's C++ code for
-the production graph (uint8 crops -> fp32 views, 32 px) and check it against the same oracle, and that
-no batch size adds a graph. On a GPU the ``gpu`` tests check the Triton kernels.
+a GPU, C++ on a CPU). Compiling them with inductor on a CPU costs about a minute per graph when its
+cache is cold (a fresh CI machine), so:
+* most tests run the very same graph functions eagerly (``FASTCLR_FUSED_EAGER=1``): the formulas;
+* ``COMPILED`` tests trace the production graph (uint8 crops -> fp32 views, 32 px) through
+  torch.compile with the ``eager`` backend (dynamo only): one graph per configuration (fullgraph), a
+  dynamic batch (no recompile for batch 1, 2, 7, 64), the oracle's numbers;
+* the ``slow`` test compiles it with inductor's C++ backend (``-m slow``; the GPU suite runs it), and
+  the ``gpu`` tests check the Triton kernels.
 """
 from __future__ import annotations
 
@@ -29,7 +32,12 @@ COMPILED = {"test_finish_views_fused_matches_subset[torch.float32]", "test_no_re
 
 @pytest.fixture(autouse=True)
 def _eager_unless_compiled(request, monkeypatch):
-    if request.node.name not in COMPILED and not request.node.get_closest_marker("gpu"):
+    marks = {m.name for m in request.node.iter_markers()}
+    if "gpu" in marks or "slow" in marks:
+        return  # the real thing: Triton on a GPU, inductor's C++ on the CPU
+    if request.node.name in COMPILED:
+        monkeypatch.setenv("FASTCLR_FUSED_BACKEND", "eager")
+    else:
         monkeypatch.setenv("FASTCLR_FUSED_EAGER", "1")
 
 # Pixels the formula branches on: gray (C == 0), black, white, primaries, two-channel ties, and hues
@@ -257,6 +265,20 @@ def test_no_recompile_across_batch_sizes():
         crops = torch.randint(0, 256, (n, 2, 32, 32, 3), dtype=torch.uint8)
         A.finish_views(crops, spec, torch.Generator().manual_seed(n), torch.float32, mode="fused")
     assert counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.slow
+def test_inductor_cpu_code_matches_subset():
+    """The production graph compiled by inductor's C++ backend (what --data.photometry_mode=fused runs
+    on a CPU), for fp32 and bf16 views, batches 5 and 1: the oracle's numbers."""
+    spec = simclr(32)
+    for dtype in (torch.float32, torch.bfloat16):
+        for B in (5, 1):
+            crops = torch.randint(0, 256, (B, 2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(B))
+            want = [v.clone() for v in A.finish_views(crops, spec, torch.Generator().manual_seed(3), dtype, mode="subset")]
+            got = A.finish_views(crops, spec, torch.Generator().manual_seed(3), dtype, mode="fused")
+            for w, v in zip(want, got):
+                assert float((v.float() - w.float()).abs().max()) <= TOL[dtype]
 
 
 def test_eager_fallback_runs_the_same_graphs(monkeypatch):

@@ -3,7 +3,8 @@ models must compute the same training step.
 
 On the CPU: the GraphedStep's plumbing (warmup steps, static input buffers, the lr tensor filled in
 place, static outputs) against the eager step, with a stand-in for CUDA's capture that replays the
-recorded step eagerly; and a compiled tiny R18 (inductor's C++ backend) against the eager one.
+recorded step eagerly; and a compiled tiny R18 against the eager one (traced with aot_eager; with
+inductor's C++ code under -m slow).
 On a GPU (``-m gpu``): the real CUDA graph against the eager step, no host sync inside the step, and
 pretrain.py running a few hundred steps with the graph on, killed and resumed exactly.
 """
@@ -112,17 +113,17 @@ def test_trainer_without_gpu_runs_the_eager_step(tmp_path, image_folder):
     assert pretrain.PROG == "pretrain.py"
 
 
-def test_compiled_model_matches_eager_for_a_few_steps():
-    """model.compile=true on the CPU (inductor's C++ backend): over 3 steps of a tiny R18 the losses
-    match the eager run's, and so does the whole update (fused kernels reassociate sums, and BatchNorm
-    over 8 images at 1x1 amplifies that in a few near-zero BN parameters: the update is compared as one
-    vector)."""
+def _compiled_matches_eager(backend: str):
+    """3 steps of a tiny R18 through torch.compile(backend) against the eager run: the losses match,
+    and so does the whole update (fused kernels reassociate sums, and BatchNorm over 8 images at 1x1
+    amplifies that in a few near-zero BN parameters: the update is compared as one vector)."""
     data = batches(3, size=16, b=4)
     before = [p.detach().clone() for p in tiny_model().parameters()]
     eager_losses, eager_params, _ = run_steps(TrainStep, tiny_model(), data)
     model = tiny_model()
     opt = build_optimizer(list(model.parameters()), OptimConfig(weight_decay=1e-4), 0.0)
-    step = TrainStep(model, torch.compile(model), contrastive_loss(0.2), opt, torch.device("cpu"), torch.float32)
+    step = TrainStep(model, torch.compile(model, backend=backend), contrastive_loss(0.2), opt,
+                     torch.device("cpu"), torch.float32)
     losses = []
     for i, batch in enumerate(data):
         runtime.set_lr(opt, lr_for(i))
@@ -132,6 +133,18 @@ def test_compiled_model_matches_eager_for_a_few_steps():
     ref = torch.cat([(p - b0).flatten() for p, b0 in zip(eager_params, before)])
     assert torch.nn.functional.cosine_similarity(update, ref, dim=0) > 0.9999
     assert (update - ref).norm() / ref.norm() < 1e-2
+
+
+def test_compiled_model_traces_and_matches_eager():
+    """model.compile=true: the model's forward and backward trace through dynamo and AOT autograd as
+    one graph each (backend aot_eager: torch.compile's front end without code generation)."""
+    _compiled_matches_eager("aot_eager")
+
+
+@pytest.mark.slow
+def test_inductor_compiled_model_matches_eager():
+    """The same with inductor's C++ code (what model.compile=true runs on a CPU)."""
+    _compiled_matches_eager("inductor")
 
 
 # ----------------------------------------------------------------------------- GPU
