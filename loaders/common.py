@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .options import option
 
 log = logging.getLogger(__name__)
 
@@ -31,34 +33,6 @@ class Batch(NamedTuple):
     channels_last, in the training dtype. ``labels``: int64 [B] or None."""
     views: list
     labels: Optional[object]
-
-
-_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-
-
-def option(default, help, choices=None, *, ge=None, gt=None, le=None, lt=None):
-    """A config field: its default, a one-line help (shown by --help), and optionally the allowed
-    values (``choices``) or a numeric range (``ge``/``gt``/``le``/``lt``), which the config parser
-    checks for every value it sets (command line, preset, saved config), before any heavy work."""
-    meta = {"help": help}
-    if choices:
-        meta["choices"] = tuple(choices)
-    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    if bounds:
-        meta["bounds"] = bounds
-    return field(default=default, metadata=meta)
-
-
-def bounds_text(bounds) -> str:
-    """``{"gt": 0, "le": 1}`` -> ``"> 0 and <= 1"``."""
-    return " and ".join(f"{_BOUND_TEXT[k]} {v}" for k, v in bounds.items())
-
-
-def out_of_bounds(value, bounds) -> bool:
-    """Whether a number breaks ``bounds`` (NaN breaks every bound)."""
-    ok = {"ge": lambda b: value >= b, "gt": lambda b: value > b, "le": lambda b: value <= b,
-          "lt": lambda b: value < b}
-    return not all(ok[k](b) for k, b in bounds.items())
 
 
 @dataclass

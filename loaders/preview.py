@@ -32,19 +32,15 @@ shift in turns); grayscale; blur sigma. ``loaders`` only: this never imports fas
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
-import math
 import os
 import sys
-import types
-import typing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from .common import EXIT_BAD_INPUT, DataError, LoaderConfig, bounds_text, out_of_bounds
+from . import options
+from .common import EXIT_BAD_INPUT, DataError, LoaderConfig
 
 PROG = "python -m loaders.preview"
 NAMES = {0: "brightness", 1: "contrast", 2: "saturation", 3: "hue"}  # augment's op codes
@@ -56,102 +52,28 @@ class PreviewError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# --data.key=value -> LoaderConfig (the same rules and one-line errors as fastclr's config parser)
+# --data.key=value -> LoaderConfig: fastclr's parser (loaders.options), the same rules and errors
 # ----------------------------------------------------------------------------------------------
 
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return f"{_type_name(next(a for a in typing.get_args(tp) if a is not type(None)))} or none"
-    if typing.get_origin(tp) is tuple:
-        return "comma list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, text: str, tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if text.strip().lower() in ("none", "null"):
-            return None
-        try:
-            return _coerce(key, text, next(a for a in typing.get_args(tp) if a is not type(None)))
-        except PreviewError:
-            raise PreviewError(f"--{key}: expected {_type_name(tp)}, got {text!r}") from None
-    if origin is tuple:
-        items, args = text.split(","), typing.get_args(tp)
-        if len(items) != len(args):
-            raise PreviewError(f"--{key}: expected {len(args)} comma-separated values, got {text!r}")
-        return tuple(_coerce(key, v, a) for v, a in zip(items, args))
-    s = text.strip()
-    try:
-        if tp is bool:
-            if s.lower() in _TRUE | _FALSE:
-                return s.lower() in _TRUE
-            raise ValueError
-        if tp is int:
-            return int(s)
-        if tp is float:
-            v = float(s)
-            if not math.isfinite(v):
-                raise ValueError
-            return v
-        return text
-    except ValueError:
-        raise PreviewError(f"--{key}: expected {'a finite ' if tp is float else ''}{_type_name(tp)}, "
-                           f"got {text!r}") from None
+@dataclass
+class _DataOptions:
+    data: LoaderConfig = field(default_factory=LoaderConfig)
 
 
 def data_options(pairs: list[str], cfg: LoaderConfig | None = None) -> LoaderConfig:
     """``["--data.path=/x", "--data.image_size", "64", ...]`` -> a LoaderConfig (PreviewError on bad input:
     an unknown key suggests the closest one, a wrong type names the field and the type, choices and
     ranges are checked)."""
-    cfg = cfg or LoaderConfig()
-    hints = typing.get_type_hints(LoaderConfig)
-    fields = {f.name: f for f in dataclasses.fields(LoaderConfig)}
-    i = 0
-    while i < len(pairs):
-        a = pairs[i]
-        if not a.startswith("--data."):
-            raise PreviewError(f"unexpected argument {a!r}: data options look like --data.key=value "
-                               f"(see --help)")
-        if "=" in a:
-            key, text = a[2:].split("=", 1)
-            i += 1
-        else:
-            key = a[2:]
-            if i + 1 >= len(pairs) or pairs[i + 1].startswith("--"):
-                raise PreviewError(f"--{key}: missing value (write --{key}=VALUE)")
-            text, i = pairs[i + 1], i + 2
-        name = key[len("data."):]
-        if name not in fields:
-            close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean --data.{close[0]}?" if close else "; see --help for the list of options"
-            raise PreviewError(f"unknown option --{key}{hint}")
-        v = _coerce(key, text, hints[name])
-        meta = fields[name].metadata
-        if meta.get("choices") and v is not None and v not in meta["choices"]:
-            raise PreviewError(f"--{key}: {v!r} is not one of {', '.join(map(str, meta['choices']))}")
-        bounds = meta.get("bounds")
-        if bounds and v is not None and any(out_of_bounds(x, bounds) for x in (v if isinstance(v, tuple) else (v,))):
-            raise PreviewError(f"--{key}: must be {bounds_text(bounds)}, got {text}")
-        cfg = replace(cfg, **{name: v})
-    return cfg
+    try:
+        return options.parse_into(_DataOptions(cfg or LoaderConfig()), list(pairs), {}, prog=PROG).data
+    except options.ConfigError as e:
+        raise PreviewError(str(e)) from None
 
 
 def data_help() -> str:
     """The --data.* options with their defaults and help, for --help."""
-    hints, d = typing.get_type_hints(LoaderConfig), LoaderConfig()
-    lines = ["data options (--data.key=value, default shown):"]
-    for f in dataclasses.fields(LoaderConfig):
-        v = getattr(d, f.name)
-        shown = "none" if v is None else str(v).lower() if isinstance(v, bool) else \
-            ",".join(map(str, v)) if isinstance(v, tuple) else v
-        extra = f" {{{','.join(map(str, f.metadata['choices']))}}}" if f.metadata.get("choices") else ""
-        extra += f" [{bounds_text(f.metadata['bounds'])}]" if f.metadata.get("bounds") else ""
-        lines.append(f"  --data.{f.name}={shown}  {f.metadata.get('help', '')} ({_type_name(hints[f.name])}){extra}")
-    return "\n".join(lines)
+    text = options.help_text(_DataOptions, {}, PROG)
+    return "data options" + text[text.index("options (default in brackets):") + len("options"):].split("\n\nValues:")[0]
 
 
 # ----------------------------------------------------------------------------------------------
