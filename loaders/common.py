@@ -58,8 +58,9 @@ class LoaderConfig:
     jitter_strength: float = option(1.0, "colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)",
                                     ge=0)
     blur: bool = option(True, "gaussian blur p=0.5 (TF turns it off for 32px CIFAR-like data)")
-    crop_scale: Tuple[float, float] = option((0.08, 1.0), "simclr random crop: area fraction range (TF: 0.08,1; "
-                                             "crops also cover >= 10 % of the image, as in TF)", gt=0, le=1)
+    crop_scale: Tuple[float, float] = option((0.08, 1.0), "random crop of the simclr and finetune recipes: area "
+                                             "fraction range (TF: 0.08,1; crops also cover >= 10 % of the "
+                                             "image, as in TF)", gt=0, le=1)
     # DALI
     # The default is what the GPU benchmark measured faster (README, "DALI's two choices"); "torch" keeps
     # the exact TF colour ops (README: deviations).

@@ -99,10 +99,11 @@ def simclr(size: int = 224, strength: float = 1.0, jitter_p: float = 0.8, graysc
     )
 
 
-def finetune(size: int = 224, interpolation: str = "bicubic", normalize: bool = False) -> AugmentSpec:
+def finetune(size: int = 224, interpolation: str = "bicubic", normalize: bool = False,
+             scale: Tuple[float, float] = (0.08, 1.0)) -> AugmentSpec:
     """Fine-tuning recipe: random crop + flip only (TF preprocess_for_train, color_distort=False)."""
-    return AugmentSpec(name="finetune", crop=CropSpec(size=size, interpolation=interpolation), flip=True,
-                       jitter=None, grayscale_p=0.0, blur=None, num_views=1, normalize=normalize)
+    return AugmentSpec(name="finetune", crop=CropSpec(size=size, scale=scale, interpolation=interpolation),
+                       flip=True, jitter=None, grayscale_p=0.0, blur=None, num_views=1, normalize=normalize)
 
 
 def eval_(size: int = 224, interpolation: str = "bicubic", normalize: bool = False,
