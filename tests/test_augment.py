@@ -396,6 +396,21 @@ def test_random_crop_boxes_in_range(hw):
         assert (y[h < H] / (H - h[h < H])).mean() == pytest.approx(0.5, abs=0.05)
 
 
+@pytest.mark.parametrize("recipe", ["simclr", "finetune"])
+def test_data_crop_scale_reaches_both_recipes_and_bounds_the_crops(recipe):
+    """--data.crop_scale (the demo presets' gentler crops) sets the crop of the simclr and the finetune
+    recipe; every sampled box then covers at least that area fraction; an inverted range is refused."""
+    import loaders
+    from loaders.common import LoaderConfig
+    spec = loaders.spec_from_config(LoaderConfig(augment=recipe, image_size=32, crop_scale=(0.35, 1.0)))
+    assert spec.crop.scale == (0.35, 1.0)
+    boxes = A.sample_crop_boxes(320, 320, 2000, spec.crop, np.random.default_rng(0))
+    area = boxes[:, 2] * boxes[:, 3] / 320 ** 2
+    assert area.min() >= 0.35 - 0.01 and area.min() < 0.40
+    with pytest.raises(ValueError, match="crop_scale must satisfy"):
+        loaders.spec_from_config(LoaderConfig(augment=recipe, crop_scale=(0.9, 0.5)))
+
+
 def test_random_crop_fallback_is_clamped_centre_crop():
     crop = CropSpec(size=8, scale=(0.999, 1.0), attempts=1)
     boxes = A.sample_crop_boxes(100, 1000, 5, crop, np.random.default_rng(0), min_object_covered=0)
