@@ -30,6 +30,10 @@
 #   throughput_rest the other stages + hw_decoder_load sweep -> OUT_DIR/gpu-rest.json
 #                   (both throughput phases [+ $FASTCLR_SUITE_THROUGHPUT_ARGS])
 #   merge           merge_results.py: OUT_DIR/gpu.json (+ charts) from the two
+#   semisup         the GPU variant of `make semisup` (SEMISUP_DEVICE=cuda benchmarks/semisup.sh) on the
+#                   Fashion-MNIST files in CARRY_DIR/fmnist -> OUT_DIR/semisup_gpu.{json,md} + step logs;
+#                   skipped (with the reason) without those files or with < 240 s of budget left.
+#                   FASTCLR_SUITE_SEMISUP=only runs it alone (its own device call), =0 never
 # OUT_DIR gets summary.json (every phase: status, exit code, seconds), logs/, gpu.json and charts.
 # Exit status: 0 if no phase failed, 1 otherwise. --dry-run prints every command and checks the
 # carry layout without running anything (works on a CPU machine).
@@ -191,6 +195,42 @@ write_summary() {
     echo "summary: $out"
 }
 
+# semisup_phase MODE WORK: the GPU variant of `make semisup` (benchmarks/semisup.sh, SEMISUP_DEVICE=cuda)
+# on the Fashion-MNIST files carried in CARRY_DIR/fmnist (or $FASTCLR_FMNIST, or Debian's package). Its
+# run directories (checkpoints) stay in WORK; OUT_DIR gets semisup_gpu.{json,md} and the steps' logs.
+semisup_phase() {
+    local mode=$1 work=$2 fm=${FASTCLR_FMNIST:-$CARRY_DIR/fmnist}
+    if [[ "$mode" == 0 ]]; then
+        skip_phase semisup "FASTCLR_SUITE_SEMISUP=0"
+        return 0
+    fi
+    local -a envs=(SEMISUP_DEVICE=cuda "SEMISUP_OUT=$work/semisup" "PY=$PY")
+    if [[ -f "$fm/train-images-idx3-ubyte.gz" ]]; then
+        envs+=("FASTCLR_FMNIST=$fm")
+    elif (( ! DRY_RUN )) && [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
+        skip_phase semisup "no Fashion-MNIST files in $fm (make gpu-carry writes gpu_carry/fmnist: carry it)"
+        return 0
+    fi
+    local left=$(( DEADLINE - $(date +%s) ))
+    if (( ! DRY_RUN && left < 240 )); then
+        skip_phase semisup "${left}s left of the suite budget (it needs ~240s): run it as its own call, FASTCLR_SUITE_SEMISUP=only"
+        return 0
+    fi
+    phase semisup 420 0 env "${envs[@]}" bash "$REPO/benchmarks/semisup.sh"
+    if (( ! DRY_RUN )) && [[ -d "$work/semisup" ]]; then
+        local f d
+        for f in json md; do
+            [[ -f "$work/semisup/results.$f" ]] && cp "$work/semisup/results.$f" "$OUT_DIR/semisup_gpu.$f"
+        done
+        [[ -f "$work/semisup/timings.jsonl" ]] && cp "$work/semisup/timings.jsonl" "$OUT_DIR/semisup_gpu_timings.jsonl"
+        mkdir -p "$OUT_DIR/semisup_logs"
+        for d in "$work"/semisup/*/; do
+            [[ -f "$d/log.jsonl" ]] && cp "$d/log.jsonl" "$OUT_DIR/semisup_logs/$(basename "$d").jsonl"
+        done
+    fi
+    return 0
+}
+
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
@@ -257,38 +297,44 @@ main() {
     export LD_LIBRARY_PATH="$native/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # works even if the editable install failed
     phase env 30 0 bash "$SELF" __env
-    # FASTCLR_SUITE_THROUGHPUT_ARGS: extra throughput.py options, appended to both runs (a later --stages
-    # wins), e.g. "--backends torch" when an earlier call on the same machine measured the others.
-    local -a targs=()
-    [[ -z "${FASTCLR_SUITE_THROUGHPUT_ARGS:-}" ]] || read -r -a targs <<< "$FASTCLR_SUITE_THROUGHPUT_ARGS"
-    # First what the goals are about: the colour recipe, the step variants and end to end (each row is in
-    # the JSON as soon as it is measured, so a time-out keeps what ran). It leaves >= 200 s for the rest.
-    phase throughput_core 300 200 "$PY" benchmarks/throughput.py --device cuda --stages photometry,step,e2e \
-        --out "$OUT_DIR/gpu-core.json" "${targs[@]+"${targs[@]}"}"
-    # FASTCLR_SUITE_PYTEST_K narrows the GPU tests (pytest -k), e.g. to "dali" when an earlier call on the
-    # same machine already ran the others. pytest leaves >= 90 s to the other stages.
-    local -a kexpr=()
-    [[ -z "${FASTCLR_SUITE_PYTEST_K:-}" ]] || kexpr=(-k "$FASTCLR_SUITE_PYTEST_K")
-    phase pytest_gpu 180 90 "$PY" -m pytest -m "gpu or slow" -q -p no:cacheprovider "${kexpr[@]+"${kexpr[@]}"}" \
-        --junitxml="$OUT_DIR/junit-gpu.xml"
-    phase throughput_rest 300 10 "$PY" benchmarks/throughput.py --device cuda \
-        --stages read,decode,geometry,augment,h2d,model,loss,optim --sweep "$SWEEP" \
-        --out "$OUT_DIR/gpu-rest.json" "${targs[@]+"${targs[@]}"}"
-    local -a jsons=()
-    local f
-    for f in gpu-core.json gpu-rest.json; do
-        if (( DRY_RUN )) || [[ -f "$OUT_DIR/$f" ]]; then jsons+=("$OUT_DIR/$f"); fi
-    done
-    if (( ${#jsons[@]} )); then
-        phase merge 60 0 "$PY" benchmarks/merge_results.py "$OUT_DIR/gpu.json" "${jsons[@]}"
-    else
-        skip_phase merge "no throughput JSON was written"
-    fi
-    if (( ! DRY_RUN )); then
-        for f in throughput_core throughput_rest; do
-            [[ -f "$OUT_DIR/logs/$f.log" ]] && grep -v '^\[throughput\]' "$OUT_DIR/logs/$f.log" | tail -n 60
+    local semi=${FASTCLR_SUITE_SEMISUP:-auto}
+    [[ "$semi" == auto || "$semi" == 0 || "$semi" == only ]] \
+        || die "FASTCLR_SUITE_SEMISUP must be auto, 0 or only, got '$semi'"
+    if [[ "$semi" != only ]]; then
+        # FASTCLR_SUITE_THROUGHPUT_ARGS: extra throughput.py options, appended to both runs (a later --stages
+        # wins), e.g. "--backends torch" when an earlier call on the same machine measured the others.
+        local -a targs=()
+        [[ -z "${FASTCLR_SUITE_THROUGHPUT_ARGS:-}" ]] || read -r -a targs <<< "$FASTCLR_SUITE_THROUGHPUT_ARGS"
+        # First what the goals are about: the colour recipe, the step variants and end to end (each row is in
+        # the JSON as soon as it is measured, so a time-out keeps what ran). It leaves >= 200 s for the rest.
+        phase throughput_core 300 200 "$PY" benchmarks/throughput.py --device cuda --stages photometry,step,e2e \
+            --out "$OUT_DIR/gpu-core.json" "${targs[@]+"${targs[@]}"}"
+        # FASTCLR_SUITE_PYTEST_K narrows the GPU tests (pytest -k), e.g. to "dali" when an earlier call on the
+        # same machine already ran the others. pytest leaves >= 90 s to the other stages.
+        local -a kexpr=()
+        [[ -z "${FASTCLR_SUITE_PYTEST_K:-}" ]] || kexpr=(-k "$FASTCLR_SUITE_PYTEST_K")
+        phase pytest_gpu 180 90 "$PY" -m pytest -m "gpu or slow" -q -p no:cacheprovider "${kexpr[@]+"${kexpr[@]}"}" \
+            --junitxml="$OUT_DIR/junit-gpu.xml"
+        phase throughput_rest 300 10 "$PY" benchmarks/throughput.py --device cuda \
+            --stages read,decode,geometry,augment,h2d,model,loss,optim --sweep "$SWEEP" \
+            --out "$OUT_DIR/gpu-rest.json" "${targs[@]+"${targs[@]}"}"
+        local -a jsons=()
+        local f
+        for f in gpu-core.json gpu-rest.json; do
+            if (( DRY_RUN )) || [[ -f "$OUT_DIR/$f" ]]; then jsons+=("$OUT_DIR/$f"); fi
         done
+        if (( ${#jsons[@]} )); then
+            phase merge 60 0 "$PY" benchmarks/merge_results.py "$OUT_DIR/gpu.json" "${jsons[@]}"
+        else
+            skip_phase merge "no throughput JSON was written"
+        fi
+        if (( ! DRY_RUN )); then
+            for f in throughput_core throughput_rest; do
+                [[ -f "$OUT_DIR/logs/$f.log" ]] && grep -v '^\[throughput\]' "$OUT_DIR/logs/$f.log" | tail -n 60
+            done
+        fi
     fi
+    semisup_phase "$semi" "$work"
 
     write_summary
     if (( FAILED )); then

@@ -26,6 +26,37 @@ ROWS = (
 )
 FRACTIONS = ("1pct", "10pct")
 
+# The issue's targets for the chain, judged by the run that measured it: (text, [(measured key, baseline
+# key or None, margin)]); a target is met when every pair is, "best of" pairs (several measured keys
+# against one baseline) count the best. None where a step did not finish.
+TARGETS = (
+    ("fine-tune at 1 % >= supervised from scratch + 10", [(("finetune_1pct",), "scratch_1pct", 10.0)]),
+    ("fine-tune at 1 % >= raw-pixel logistic regression + 3", [(("finetune_1pct",), "raw_pixels_1pct", 3.0)]),
+    ("fine-tune or linear at 10 % >= raw-pixel logistic regression + 3",
+     [(("finetune_10pct", "linear_10pct"), "raw_pixels_10pct", 3.0)]),
+    ("fine-tune >= linear probe, at 1 % and at 10 %",
+     [(("finetune_1pct",), "linear_1pct", 0.0), (("finetune_10pct",), "linear_10pct", 0.0)]),
+    ("distillation >= its teacher, at 1 % and 10 %, both students",
+     [((f"{k}_{f}",), f"finetune_{f}", 0.0) for f in FRACTIONS for k in ("distill", "self_distill")]),
+)
+
+
+def judge(res: dict) -> list:
+    """[{target, pairs: [{measured, value, baseline, baseline_value, margin, met}], met}] for TARGETS."""
+    out = []
+    for text, pairs in TARGETS:
+        rows = []
+        for keys, base, margin in pairs:
+            vals = [(res[k]["top1"], k) for k in keys if res.get(k, {}).get("top1") is not None]
+            best, key = max(vals) if vals else (None, keys[0])
+            b = res.get(base, {}).get("top1")
+            ok = None if best is None or b is None else best >= b + margin
+            rows.append({"measured": key, "value": best, "baseline": base, "baseline_value": b,
+                         "margin": margin, "met": ok})
+        met = None if any(r["met"] is None for r in rows) else all(r["met"] for r in rows)
+        out.append({"target": text, "pairs": rows, "met": met})
+    return out
+
 
 def val_subset(src: str, dst: str) -> None:
     """DST: a class-balanced 10 % draw of SRC (seed 0) as symlinks, made in DST.tmp then renamed."""
@@ -75,7 +106,14 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def results(out: str, quick: bool, depth: int, pre: str, save: str) -> str:
+def device_name(device: str) -> str:
+    import torch
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or platform.machine()
+
+
+def results(out: str, quick: bool, depth: int, pre: str, save: str, device: str = "cpu") -> str:
     """Write OUT/results.{json,md} (and SAVE.{json,md}); returns the markdown table."""
     import torch
     times = step_seconds(out)
@@ -90,7 +128,8 @@ def results(out: str, quick: bool, depth: int, pre: str, save: str) -> str:
     sha, dirty = git_state()
     doc = {
         "what": "SimCLRv2 semi-supervised chain on Fashion-MNIST (demo set, 32px), top-1 on the 10k test set",
-        "quick": quick, "device": "cpu", "cpu": platform.processor() or platform.machine(),
+        "quick": quick, "device": device, "device_name": device_name(device),
+        "cpu": platform.processor() or platform.machine(),
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")), "torch": torch.__version__,
         "python": platform.python_version(), "git_sha": sha, "git_dirty": dirty,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "teacher_depth": depth, "pretrain_run": pre,
@@ -98,15 +137,22 @@ def results(out: str, quick: bool, depth: int, pre: str, save: str) -> str:
         "pretrain_seconds": times.get("pretrain"), "total_seconds": sum(times.values()),
         "reference_raw_pixels_issue": {"1pct": 78.2, "10pct": 81.6}, "results": res,
     }
+    doc["targets"] = judge(res)
     lines = ["| method | network | 1 % labels (600) | 10 % labels (6000) |", "|---|---|---|---|"]
     for key, method, net, _ in ROWS:
         lines.append(f"| {method} | {net.format(depth=depth)} | {_fmt(res[f'{key}_1pct']['top1'])} "
                      f"| {_fmt(res[f'{key}_10pct']['top1'])} |")
     mins = doc["total_seconds"] / 60
     scored = "SMOKE RUN: 1000 of the test images, tiny schedules" if quick else "the 10k Fashion-MNIST test images"
+    where = (f"GPU ({doc['device_name']})" if device == "cuda" else f"CPU, {doc['threads']} threads")
     lines += ["", (f"Top-1 (%) on {scored}; "
-                   f"CPU, {doc['threads']} threads, torch {doc['torch']}, git {sha[:10]}{' (dirty)' if dirty else ''}; "
-                   f"chain wall time {mins:.0f} min (pretrain {((times.get('pretrain') or 0) / 60):.0f} min).")]
+                   f"{where}, torch {doc['torch']}, git {sha[:10]}{' (dirty)' if dirty else ''}; "
+                   f"chain wall time {mins:.1f} min (pretrain {((times.get('pretrain') or 0) / 60):.1f} min).")]
+    lines += ["", "| target | measured | |", "|---|---|---|"]
+    for t in doc["targets"]:
+        got = "; ".join(f"{_fmt(r['value'])} vs {_fmt(r['baseline_value'])}" for r in t["pairs"])
+        verdict = {True: "met", False: "missed", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {got} | {verdict} |")
     md = "\n".join(lines) + "\n"
     for base in [os.path.join(out, "results")] + ([save] if save else []):
         os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
@@ -130,11 +176,12 @@ def main(argv=None) -> int:
     r.add_argument("depth", type=int, help="ResNet depth of the pretrained / fine-tuned network")
     r.add_argument("pre", help="the pretrain run directory")
     r.add_argument("save", help="also write SAVE.json / SAVE.md (empty: do not)")
+    r.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the chain ran")
     args = ap.parse_args(argv)
     if args.cmd == "val-subset":
         val_subset(args.src, args.dst)
         return 0
-    md = results(args.out, args.quick == "1", args.depth, args.pre, args.save)
+    md = results(args.out, args.quick == "1", args.depth, args.pre, args.save, args.device)
     print(md)
     print(f"results: {args.out}/results.json" + (f", {args.save}.json" if args.save else ""))
     return 0

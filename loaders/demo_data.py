@@ -1,7 +1,8 @@
 """The embedded default data set: Fashion-MNIST as an ImageFolder of JPEGs, prepared on first use.
 
 Source: Debian's ``dataset-fashion-mnist`` package (/usr/share/datasets/fashion-mnist, MIT licence),
-four IDX .gz files parsed with numpy. Output, in ``$FASTCLR_CACHE`` or ``~/.cache/fastclr``:
+or the folder ``$FASTCLR_FMNIST`` names (a machine without the package, e.g. a GPU machine the four files
+were carried to): four IDX .gz files parsed with numpy. Output, in ``$FASTCLR_CACHE`` or ``~/.cache/fastclr``:
 
     fashion-mnist-32/train/<k_Class>/<index>.jpg   60,000 images, 6,000 per class
     fashion-mnist-32/val/<k_Class>/<index>.jpg     10,000 images, 1,000 per class
@@ -37,7 +38,7 @@ CLASS_DIRS = [f"{k}_{name}" for k, name in enumerate(CLASSES)]   # sorted order 
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 NAME = "fashion-mnist-32"
-INSTALL = "apt-get install dataset-fashion-mnist"
+INSTALL = "apt-get install dataset-fashion-mnist (or set FASTCLR_FMNIST to a folder with its four IDX .gz files)"
 
 
 class DemoDataError(RuntimeError):
@@ -48,6 +49,11 @@ def resolve(path: str, split: str) -> str:
     """``path``, or the demo set's ``split`` folder ("train" or "val") when path is empty: the one
     place where an empty data path means the embedded demo set (prepared on first use)."""
     return path if path else str(prepare() / split)
+
+
+def source_dir() -> str:
+    """Where the IDX files are read from: $FASTCLR_FMNIST, else Debian's package folder."""
+    return os.environ.get("FASTCLR_FMNIST") or SOURCE
 
 
 def cache_dir() -> Path:
@@ -69,8 +75,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return data.reshape(tuple(dims))
 
 
-def load_split(split: str, source: str | os.PathLike = SOURCE):
+def load_split(split: str, source: str | os.PathLike | None = None):
     """(images uint8 [N, 28, 28], labels uint8 [N]) of one split."""
+    source = source_dir() if source is None else source
     img_name, lbl_name = FILES[split]
     img_path, lbl_path = Path(source) / img_name, Path(source) / lbl_name
     for p in (img_path, lbl_path):
@@ -99,13 +106,14 @@ def is_complete(root: Path) -> bool:
     return all((root / split).is_dir() for split in counts)
 
 
-def prepare(cache: Optional[str | os.PathLike] = None, source: str | os.PathLike = SOURCE,
+def prepare(cache: Optional[str | os.PathLike] = None, source: str | os.PathLike | None = None,
             progress: bool = True, quality: int = 95) -> Path:
     """Return the demo root (with train/ and val/), preparing it on first use."""
     from PIL import Image
     from tqdm import tqdm
 
     cache = Path(cache) if cache is not None else cache_dir()
+    source = source_dir() if source is None else source
     root = cache / NAME
     if is_complete(root):
         return root
@@ -144,7 +152,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loaders.demo_data",
                                  description="Prepare the Fashion-MNIST demo ImageFolder (once) and print its path.")
     ap.add_argument("--cache", default=None, help="cache folder (default: $FASTCLR_CACHE or ~/.cache/fastclr)")
-    ap.add_argument("--source", default=SOURCE, help=f"folder with the IDX .gz files (default {SOURCE})")
+    ap.add_argument("--source", default=None,
+                    help=f"folder with the IDX .gz files (default: $FASTCLR_FMNIST, else {SOURCE})")
     args = ap.parse_args(argv)
     try:
         print(prepare(args.cache, args.source))

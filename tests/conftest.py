@@ -48,8 +48,8 @@ def demo_root(tmp_path_factory):
     """The real Fashion-MNIST demo ImageFolder (train/ 60k, val/ 10k), prepared once per session
     (~25 s on 2 cores) into a temporary cache. Skips with the install command if the source is absent."""
     from loaders import demo_data
-    if not os.path.isdir(demo_data.SOURCE):
-        pytest.skip(f"Fashion-MNIST source missing at {demo_data.SOURCE}: {demo_data.INSTALL}")
+    if not os.path.isdir(demo_data.source_dir()):
+        pytest.skip(f"Fashion-MNIST source missing at {demo_data.source_dir()}: {demo_data.INSTALL}")
     return demo_data.prepare(tmp_path_factory.mktemp("cache"), progress=False)
 
 

@@ -1,5 +1,6 @@
 """The embedded demo data set: real Fashion-MNIST files -> ImageFolder, counts, atomic preparation."""
 import gzip
+import json
 import os
 import signal
 import struct
@@ -96,3 +97,14 @@ def test_missing_source_is_one_line_error_with_install_command(tmp_path):
                         "--source", str(tmp_path / "nope")], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "dataset-fashion-mnist" in r.stderr
+
+
+def test_fmnist_env_names_the_source_folder(tmp_path, small_source, monkeypatch):
+    """$FASTCLR_FMNIST points a machine without Debian's package (a GPU machine) at carried IDX files."""
+    monkeypatch.setenv("FASTCLR_FMNIST", str(small_source))
+    assert demo_data.source_dir() == str(small_source)
+    root = demo_data.prepare(tmp_path / "c", progress=False)
+    assert json.loads((root / ".complete").read_text())["source"] == str(small_source)
+    monkeypatch.setenv("FASTCLR_FMNIST", str(tmp_path / "nope"))
+    with pytest.raises(demo_data.DemoDataError, match="FASTCLR_FMNIST"):
+        demo_data.prepare(tmp_path / "d", progress=False)

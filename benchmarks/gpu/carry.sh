@@ -19,7 +19,10 @@
 #   test   pytest, hypothesis and their deps, tqdm
 #   peers  lightly and its deps (pytorch_lightning, hydra-core, ...) for the peer rows
 #   plot   matplotlib and its deps (the PNG charts)
-# Default groups: dali,ffcv,peers (a stock CUDA PyTorch image has the rest); --only all adds the others.
+#   fmnist the demo data's four Fashion-MNIST IDX .gz files (30 MB, from Debian's dataset-fashion-mnist or
+#          $FASTCLR_FMNIST), copied to OUT_DIR/fmnist/ (not a carryNN folder: carried on its own in
+#          the call that runs the GPU variant of make semisup, gpu_suite.sh's semisup phase)
+# Default groups: dali,ffcv,peers,fmnist (a stock CUDA PyTorch image has the rest); --only all adds the others.
 # Wheels target CPython 3.12, manylinux x86_64 up to 2_28 (DALI's own tag).
 # Downloads are cached in FASTCLR_CARRY_CACHE (default .bench_cache/gpu-carry-downloads); --offline
 # packs what the cache holds without downloading (e.g. to re-pack with another FASTCLR_CARRY_MIB).
@@ -37,7 +40,7 @@ PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 man
 PIECE_MIB=60
 FOLDER_MIB=${FASTCLR_CARRY_MIB:-61}
 CACHE=${FASTCLR_CARRY_CACHE:-$REPO/.bench_cache/gpu-carry-downloads}
-ALL_GROUPS="dali,ffcv,tools,test,peers,plot"
+ALL_GROUPS="dali,ffcv,tools,test,peers,plot,fmnist"
 
 # Package lists, read by name through ${!var} indirection below (hence SC2034).
 # shellcheck disable=SC2034
@@ -139,9 +142,23 @@ native_kit() {  # native_kit DEST_TAR: headers + shared libraries FFCV's setup.p
     echo "  $(basename "$tarball"): $(du -h "$tarball" | cut -f1), $(tar -tzf "$tarball" | grep -c '/lib/') lib entries"
 }
 
+fmnist_carry() {  # fmnist_carry OUT_DIR: the IDX files the GPU machine prepares the demo set from
+    local src f
+    src=$(cd "$REPO" && "$PY" -c 'from loaders.demo_data import source_dir; print(source_dir())') \
+        || die "cannot import loaders.demo_data (run from the repo's venv)"
+    for f in train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz; do
+        [[ -f "$src/$f" ]] || die "$src/$f missing (apt-get install dataset-fashion-mnist, or set FASTCLR_FMNIST)"
+    done
+    run rm -rf "$1/fmnist"
+    run mkdir -p "$1/fmnist"
+    run cp "$src"/train-images-idx3-ubyte.gz "$src"/train-labels-idx1-ubyte.gz \
+        "$src"/t10k-images-idx3-ubyte.gz "$src"/t10k-labels-idx1-ubyte.gz "$1/fmnist/"
+    echo "  fmnist: $1/fmnist (carry it in the call that runs the semisup phase)"
+}
+
 main() {
     DRY_RUN=0
-    local only="dali,ffcv,peers" out="" a offline=0
+    local only="dali,ffcv,peers,fmnist" out="" a offline=0
     while (( $# )); do
         a=$1
         shift
@@ -173,6 +190,12 @@ main() {
     for g in "${groups[@]}"; do
         [[ ",$ALL_GROUPS," == *",$g,"* ]] || die "unknown group $g (choose from $ALL_GROUPS)"
     done
+    if [[ ",$only," == *",fmnist,"* ]]; then
+        fmnist_carry "$out"
+        mapfile -t groups < <(printf '%s\n' "${groups[@]}" | grep -vx fmnist || true)
+        only=$(IFS=,; echo "${groups[*]}")
+        [[ -n "$only" ]] || return 0
+    fi
     (( DRY_RUN )) || mkdir -p "$CACHE"
     echo "gpu_carry: groups $only -> $out (pieces of ${PIECE_MIB} MiB, folders <= ${FOLDER_MIB} MiB)$( (( DRY_RUN )) && echo ', DRY RUN')"
 
