@@ -69,12 +69,13 @@ finished() {  # a step is done when the last line of its log is the "done" recor
   [ -f "$1/log.jsonl" ] && tail -n 1 "$1/log.jsonl" | grep -q '"event": "done"'
 }
 
-step() {  # step NAME RUN_DIR SCRIPT ARGS... : run a training script unless already finished, timed
+step() {  # step NAME RUN_DIR SCRIPT PRESET ARGS... : run a training script unless already finished, timed
   local name=$1 dir=$2 script=$3; shift 3
   if finished "$dir"; then echo "== $name: done already ($dir)"; return; fi
   echo "== $name: $PY fastclr/$script $*"
   local t0=$SECONDS
-  "$PY" "fastclr/$script" "$@" --run.out_dir="$dir" "${COMMON[@]}"
+  # COMMON after the preset, before the step's own options: a step may override it
+  "$PY" "fastclr/$script" "$1" "${COMMON[@]}" "${@:2}" --run.out_dir="$dir"
   echo "{\"step\": \"$name\", \"dir\": \"$dir\", \"seconds\": $((SECONDS - t0))}" >> "$TIMES"
 }
 
@@ -123,7 +124,9 @@ fi
 # ---------------------------------------------------------------------------------------------- 2. per label fraction
 for F in 1pct 10pct; do
   # logistic regression on raw pixels: the floor every learned representation must beat
-  step "raw_pixels_$F" "$OUT/raw_pixels_$F" linear_eval.py "demo_$F" --raw_pixels=true "${DATA[@]}" "${LE_X[@]}"
+  # (in fp32 on every device: these are the pixels themselves, not a network's bf16 input)
+  step "raw_pixels_$F" "$OUT/raw_pixels_$F" linear_eval.py "demo_$F" --raw_pixels=true --data.dtype=float32 \
+    "${DATA[@]}" --run.resume=auto "${LE_X[@]}"
   # supervised from scratch: the same network and fine-tuning recipe, random init
   FX=("${FT_X[@]}")
   if [ "$F" = 10pct ]; then FX+=("${FT10_X[@]}"); fi
@@ -131,7 +134,7 @@ for F in 1pct 10pct; do
   step "scratch_$F" "$OUT/scratch_$F" finetune.py "demo_$F" --ckpt=none --model.depth="$DEPTH" "${DATA[@]}" \
     --run.resume=auto "${FX[@]}" ${SEMISUP_SCRATCH_ARGS:-}
   # SimCLR features, linear evaluation (frozen backbone)
-  step "linear_$F" "$OUT/linear_$F" linear_eval.py "demo_$F" --ckpt="$PRE" "${DATA[@]}" "${LE_X[@]}"
+  step "linear_$F" "$OUT/linear_$F" linear_eval.py "demo_$F" --ckpt="$PRE" "${DATA[@]}" --run.resume=auto "${LE_X[@]}"
   # SimCLRv2 step 2: fine-tune from the first projection-head layer
   step "finetune_$F" "$OUT/finetune_$F" finetune.py "demo_$F" --ckpt="$PRE" "${DATA[@]}" --run.resume=auto "${FX[@]}"
   # SimCLRv2 step 3: distill on all 60k unlabeled images

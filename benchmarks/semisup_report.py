@@ -26,32 +26,37 @@ ROWS = (
 )
 FRACTIONS = ("1pct", "10pct")
 
-# The issue's targets for the chain, judged by the run that measured it: (text, [(measured key, baseline
-# key or None, margin)]); a target is met when every pair is, "best of" pairs (several measured keys
-# against one baseline) count the best. None where a step did not finish.
+# The issue's targets for the chain, judged by the run that measured it: (text, [(measured keys, baseline
+# key, margin, baseline field)]). A pair is met when the best of its measured keys' final top-1 is >= the
+# baseline + margin; a target when all its pairs are; None where a step did not finish. A distilled
+# student is held against its teacher's weights, which distill.py loads from the fine-tuning run's
+# best.pt: the baseline there is that run's best top-1, not its final one.
 TARGETS = (
-    ("fine-tune at 1 % >= supervised from scratch + 10", [(("finetune_1pct",), "scratch_1pct", 10.0)]),
-    ("fine-tune at 1 % >= raw-pixel logistic regression + 3", [(("finetune_1pct",), "raw_pixels_1pct", 3.0)]),
+    ("fine-tune at 1 % >= supervised from scratch + 10", [(("finetune_1pct",), "scratch_1pct", 10.0, "top1")]),
+    ("fine-tune at 1 % >= raw-pixel logistic regression + 3",
+     [(("finetune_1pct",), "raw_pixels_1pct", 3.0, "top1")]),
     ("fine-tune or linear at 10 % >= raw-pixel logistic regression + 3",
-     [(("finetune_10pct", "linear_10pct"), "raw_pixels_10pct", 3.0)]),
+     [(("finetune_10pct", "linear_10pct"), "raw_pixels_10pct", 3.0, "top1")]),
     ("fine-tune >= linear probe, at 1 % and at 10 %",
-     [(("finetune_1pct",), "linear_1pct", 0.0), (("finetune_10pct",), "linear_10pct", 0.0)]),
+     [(("finetune_1pct",), "linear_1pct", 0.0, "top1"), (("finetune_10pct",), "linear_10pct", 0.0, "top1")]),
     ("distillation >= its teacher, at 1 % and 10 %, both students",
-     [((f"{k}_{f}",), f"finetune_{f}", 0.0) for f in FRACTIONS for k in ("distill", "self_distill")]),
+     [((f"{k}_{f}",), f"finetune_{f}", 0.0, "best_top1") for f in FRACTIONS for k in ("distill", "self_distill")]),
 )
 
 
-def judge(res: dict) -> list:
-    """[{target, pairs: [{measured, value, baseline, baseline_value, margin, met}], met}] for TARGETS."""
+def judge(res: dict, quick: bool = False) -> list:
+    """[{target, pairs: [{measured, value, baseline, baseline_value, margin, met}], met}] for TARGETS;
+    a smoke run (tiny schedules, 1000 images) is not judged (every met is None)."""
     out = []
     for text, pairs in TARGETS:
         rows = []
-        for keys, base, margin in pairs:
+        for keys, base, margin, field in pairs:
             vals = [(res[k]["top1"], k) for k in keys if res.get(k, {}).get("top1") is not None]
             best, key = max(vals) if vals else (None, keys[0])
-            b = res.get(base, {}).get("top1")
-            ok = None if best is None or b is None else best >= b + margin
-            rows.append({"measured": key, "value": best, "baseline": base, "baseline_value": b,
+            b = res.get(base, {}).get(field)
+            # rounded: the top-1s have two decimals, and 64.02 >= 61.02 + 3 must not fail on float error
+            ok = None if quick or best is None or b is None else round(best - b - margin, 6) >= 0
+            rows.append({"measured": key, "value": best, "baseline": f"{base}.{field}", "baseline_value": b,
                          "margin": margin, "met": ok})
         met = None if any(r["met"] is None for r in rows) else all(r["met"] for r in rows)
         out.append({"target": text, "pairs": rows, "met": met})
@@ -137,7 +142,7 @@ def results(out: str, quick: bool, depth: int, pre: str, save: str, device: str 
         "pretrain_seconds": times.get("pretrain"), "total_seconds": sum(times.values()),
         "reference_raw_pixels_issue": {"1pct": 78.2, "10pct": 81.6}, "results": res,
     }
-    doc["targets"] = judge(res)
+    doc["targets"] = judge(res, quick)
     lines = ["| method | network | 1 % labels (600) | 10 % labels (6000) |", "|---|---|---|---|"]
     for key, method, net, _ in ROWS:
         lines.append(f"| {method} | {net.format(depth=depth)} | {_fmt(res[f'{key}_1pct']['top1'])} "
@@ -151,7 +156,7 @@ def results(out: str, quick: bool, depth: int, pre: str, save: str, device: str 
     lines += ["", "| target | measured | |", "|---|---|---|"]
     for t in doc["targets"]:
         got = "; ".join(f"{_fmt(r['value'])} vs {_fmt(r['baseline_value'])}" for r in t["pairs"])
-        verdict = {True: "met", False: "missed", None: "not measured"}[t["met"]]
+        verdict = {True: "met", False: "missed", None: "smoke run: not judged" if quick else "not measured"}[t["met"]]
         lines.append(f"| {t['target']} | {got} | {verdict} |")
     md = "\n".join(lines) + "\n"
     for base in [os.path.join(out, "results")] + ([save] if save else []):
