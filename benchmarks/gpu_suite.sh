@@ -207,11 +207,12 @@ semisup_phase() {
     local -a envs=(SEMISUP_DEVICE=cuda "SEMISUP_OUT=$work/semisup" "PY=$PY")
     if [[ -f "$fm/train-images-idx3-ubyte.gz" ]]; then
         envs+=("FASTCLR_FMNIST=$fm")
-    elif (( ! DRY_RUN )) && [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
+    elif (( ! DRY_RUN )) && ! "$PY" -c 'import os, sys; from loaders.demo_data import source_dir
+sys.exit(not os.path.isfile(os.path.join(source_dir(), "train-images-idx3-ubyte.gz")))' 2>/dev/null; then
         skip_phase semisup "no Fashion-MNIST files in $fm (make gpu-carry writes gpu_carry/fmnist: carry it)"
         return 0
     fi
-    if (( ! DRY_RUN )) && ! "$PY" -c 'import torch, torchvision, PIL, tqdm' >/dev/null 2>&1; then
+    if (( ! DRY_RUN )) && ! importable "torch, torchvision, PIL, tqdm"; then
         skip_phase semisup "$PY cannot import torch, torchvision, PIL and tqdm (carry tqdm/Pillow wheels)"
         return 0
     fi
