@@ -25,6 +25,10 @@ extras = {
     "dev": ["pytest>=8", "hypothesis", "ruff"],
     # Peers, used only by benchmarks/throughput.py as a same-run baseline.
     "peers": ["lightly"],
+    # python -m fastclr.zoo convert: TensorFlow's own reader for the released TF1 checkpoints (training never
+    # imports TensorFlow). The CPU build where it exists; the full package elsewhere reads the same files.
+    "tf": ["tensorflow-cpu; platform_system == 'Linux' and platform_machine == 'x86_64'",
+           "tensorflow; platform_system != 'Linux' or platform_machine != 'x86_64'"],
     # Charts: benchmarks/report.py, python -m fastclr.plot, python -m loaders.preview.
     "plot": ["matplotlib"],
     # --run.tensorboard=true: the run log's scalars as TensorBoard event files.

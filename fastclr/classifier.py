@@ -9,6 +9,7 @@ A ``LinearProbe`` is a Classifier whose features are frozen (BN in eval mode too
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from fastclr import config as C
 from fastclr.models import LinearHead, build_model, model_kwargs
 from fastclr.runtime import UserError
 
-ARCH_KEYS = ("depth", "width", "sk_ratio", "cifar_stem", "num_proj_layers", "proj_out_dim")
+# The format tag of a file written by ``python -m fastclr.zoo convert`` (a released TF model).
+ZOO_FORMAT = "fastclr.zoo/1"
+ARCH_KEYS = ("depth", "width", "sk_ratio", "cifar_stem", "num_proj_layers", "proj_out_dim", "tf_maxpool")
 
 
 class Classifier(nn.Module):
@@ -64,6 +67,16 @@ class RawPixels(nn.Module):
         return x.float().flatten(1)
 
 
+# What a checkpoint written before a key existed means by its absence.
+_ARCH_DEFAULTS = {"tf_maxpool": False}
+
+
+def full_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """``arch`` with the keys that older checkpoints lack filled in, so two arch dicts compare equal
+    exactly when they build the same network."""
+    return {**_ARCH_DEFAULTS, **arch}
+
+
 def arch_of(model_cfg: C.ModelConfig) -> dict[str, Any]:
     """The architecture fields of a ModelConfig (a preset name resolved) plus ft_proj_selector."""
     kw = model_kwargs(model_cfg)
@@ -74,6 +87,7 @@ def build_classifier(arch: dict[str, Any], num_classes: int,
                      pretrained: dict[str, torch.Tensor] | None = None, zero_init: bool = True) -> Classifier:
     """A Classifier of ``arch`` (ARCH_KEYS + ft_proj_selector). ``pretrained``: a SimCLRModel state_dict
     (pretrain checkpoint's ``model``) loaded, strictly, before the head is cut at layer k."""
+    arch = full_arch(arch)
     simclr = build_model(**{k: arch[k] for k in ARCH_KEYS})
     if pretrained is not None:
         simclr.load_state_dict(pretrained)
@@ -108,10 +122,28 @@ def load_checkpoint(path: str, what: str) -> tuple[str, dict[str, Any]]:
         raise UserError(f"{what} {path}: {type(e).__name__}: {first}") from None
 
 
+def is_converted(state: dict) -> bool:
+    """Whether a checkpoint was converted from a released TF model (fastclr.zoo)."""
+    return state.get("format") == ZOO_FORMAT
+
+
+def converted_classifier_state(state: dict) -> dict[str, torch.Tensor]:
+    """The Classifier state_dict of a converted release: its backbone, the head layers below the one the
+    classifier reads (``neck``) and the classifier (``fc``)."""
+    k = int(state["arch"]["ft_proj_selector"])
+    out = {key: v for key, v in state["model"].items() if key.startswith("backbone.")}
+    for key, v in state["model"].items():
+        m = re.match(r"head\.layers\.(\d+)\.(.+)$", key)
+        if m and int(m.group(1)) < k:
+            out[f"neck.{m.group(1)}.{m.group(2)}"] = v
+    out.update({f"fc.{name}": v for name, v in state["classifier"].items()})
+    return out
+
+
 def load_pretrained(path: str) -> tuple[str, dict[str, torch.Tensor], C.ModelConfig]:
     """(file, SimCLRModel state_dict, the pretrain ModelConfig) of a pretrain.py checkpoint."""
     file, state = load_checkpoint(path, "--ckpt")
-    if "arch" in state:
+    if "arch" in state and not is_converted(state):
         raise UserError(f"{file} is a fine-tuned checkpoint: fine-tuning starts from a pretrain.py one")
     if "model" not in state or "config" not in state or "model" not in state["config"]:
         raise UserError(f"{file} is not a pretrain.py checkpoint (no 'model' / 'config')")
@@ -127,9 +159,12 @@ def load_classifier(path: str) -> tuple[str, Classifier, dict[str, Any]]:
         p = p / "best.pt"
     file, state = load_checkpoint(str(p), "checkpoint")
     if "arch" not in state:
+        if is_converted(state):
+            raise UserError(f"{file} has no classifier (the release has none, or it reads the other encoder "
+                            f"than the one converted): fine-tune it first (finetune.py --ckpt={file})")
         raise UserError(f"{file} is not a fine-tuned checkpoint (no 'arch'): give a finetune/distill run")
     model = build_classifier(state["arch"], int(state["arch"]["num_classes"]), zero_init=False)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(converted_classifier_state(state) if is_converted(state) else state["model"])
     return file, model, state
 
 
@@ -146,7 +181,7 @@ def load_probe(ckpt_path: str, ft_proj_selector: int, num_classes: int, raw_pixe
     if not ckpt_path:
         raise UserError("give --ckpt=PATH (a pretrain.py checkpoint or run dir), or --raw_pixels=true")
     file, state = load_checkpoint(ckpt_path, "--ckpt")
-    if "arch" in state:  # a fine-tuned / distilled network: evaluate its backbone
+    if "arch" in state and not is_converted(state):  # a fine-tuned / distilled network: its backbone
         if ft_proj_selector != 0:
             raise UserError("a fine-tuned checkpoint has no full projection head: model.ft_proj_selector=0")
         arch = {**state["arch"], "ft_proj_selector": 0}
@@ -190,7 +225,7 @@ def train_classifier(prog: str, cfg, run, model: Classifier, arch: dict[str, Any
         return {"arch": arch, "classes": classes, "best": dict(best)}
 
     def load_fields(path: str, state: dict) -> None:
-        if state.get("arch") != arch:
+        if full_arch(state.get("arch") or {}) != full_arch(arch):
             raise UserError(f"{path} holds another architecture ({state.get('arch')}), not {arch}")
         best.update(state.get("best", {}))
 

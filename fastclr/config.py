@@ -20,9 +20,11 @@ from loaders.options import (ConfigError, HelpRequested, apply_preset, from_dict
 class ModelConfig:
     name: str = option("", "model preset (r50_1x_sk0, r152_3x_sk1, ...): sets depth/width/sk_ratio; empty = use them")
     depth: int = option(50, "ResNet depth", (18, 34, 50, 101, 152, 200))
-    width: int = option(1, "width multiplier", (1, 2, 3))
+    width: int = option(1, "width multiplier (4: SimCLRv1's ResNet-50 4x)", (1, 2, 3, 4))
     sk_ratio: float = option(0.0, "selective kernels: 0 (off) or 0.0625 (SimCLRv2 SK)", ge=0, lt=1)
     cifar_stem: bool = option(False, "3x3 stride-1 stem without max-pool, for 32px images")
+    tf_maxpool: bool = option(False, "pad the stem's max-pool as TF 'SAME' does (0 before, 1 after on even sizes) "
+                              "instead of torchvision's (1, 1): set by fastclr.zoo for converted TF models")
     num_proj_layers: int = option(3, "projection head layers (SimCLRv2: 3; 0: none, z = h)", ge=0)
     proj_out_dim: int = option(128, "projection output dimension", ge=1)
     ft_proj_selector: int = option(1, "fine-tune from the output of head layer k (0 = backbone, -1 = last)", ge=-1)

@@ -7,8 +7,9 @@
 
 Loss (SimCLRv2 Eq. 3/4, tau^2-scaled as the official colab's add_kd_loss, see fastclr.losses.distill_loss):
 ``(1 - alpha) * tau^2 * CE(softmax(teacher / tau), softmax(student / tau)) + alpha * CE(student, label)``.
-The teacher (a finetune.py / distill.py checkpoint) runs in eval mode without gradients, in bf16 on GPU
-(fp32 on CPU); teacher and student see the same augmented view of each image (one view, the
+The teacher (a finetune.py / distill.py checkpoint, or a released fine-tuned model converted by
+``python -m fastclr.zoo convert``) runs in eval mode without gradients, channels_last, in bf16 on GPU
+(fp32 on CPU) and compiled where the student is (``model.compile``: on a GPU by default); teacher and student see the same augmented view of each image (one view, the
 ``finetune`` recipe: crop + flip). Every train image is used and its label ignored, except with
 ``distill.alpha > 0``: then the images of the labelled subset (``subset.list`` / ``subset.fraction``,
 the one the teacher was fine-tuned on) add the cross-entropy term.
@@ -40,12 +41,14 @@ import torch
 from torch import nn
 
 from fastclr import dist, presets, runtime
-from fastclr.classifier import arch_of, build_classifier, load_classifier, load_pretrained, train_classifier
+from fastclr.classifier import (arch_of, build_classifier, full_arch, load_classifier, load_pretrained,
+                               train_classifier)
 from fastclr.config import DistillConfig
 from fastclr.labels import build_loader, dataset_classes, make_subset, train_loader, val_loader
 from fastclr.losses import distill_loss
 from fastclr.optimizers import classifier_optimizer
 from fastclr.runtime import UserError
+from fastclr.trainer import resolve_compile
 from loaders import subsets
 from loaders.files import count_list
 
@@ -134,14 +137,18 @@ def train(cfg: DistillConfig) -> int:
     # ------------------------------------------------------------------ teacher
     t_file, teacher, t_state = load_classifier(cfg.teacher)
     classes = dataset_classes(run.train_path)
-    if list(t_state.get("classes", classes)) != list(classes):
+    if list(t_state.get("classes") or classes) != list(classes):
         raise UserError(f"the teacher {t_file} was trained on other classes than those of {run.train_path}")
+    if int(t_state["arch"]["num_classes"]) != len(classes):
+        raise UserError(f"the teacher {t_file} has {t_state['arch']['num_classes']} outputs but {run.train_path} "
+                        f"has {len(classes)} class folders (labels are the sorted folder names)")
     teacher = teacher.to(device).eval().requires_grad_(False)
     if cfg.model.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
+    t_forward = torch.compile(teacher) if resolve_compile(cfg, run) else teacher  # on a GPU by default
 
     # ------------------------------------------------------------------ student
-    t_arch = {k: v for k, v in t_state["arch"].items() if k != "num_classes"}
+    t_arch = {k: v for k, v in full_arch(t_state["arch"]).items() if k != "num_classes"}
     pretrained, source = None, "random init"
     if cfg.student_ckpt:
         s_file, pretrained, s_model = load_pretrained(cfg.student_ckpt)
@@ -184,7 +191,7 @@ def train(cfg: DistillConfig) -> int:
         # Same data, same (eval) recipe, in order: each sample's logits once, read back by sample id.
         n = len(getattr(loader, "samples", None) or subsets.read_manifest(run.train_path)[0])
         cache_cfg = dataclasses.replace(loader.cfg, train=False, batch_size=max(1, min(cfg.run.eval_batch_size, n)))
-        cache = cache_logits(teacher, build_loader(cache_cfg, 0, 1, device), n, len(classes), device, t_dtype)
+        cache = cache_logits(t_forward, build_loader(cache_cfg, 0, 1, device), n, len(classes), device, t_dtype)
         dist.print0(f"{PROG}: cached the teacher's logits of {n} images (no teacher pass while training)")
 
     def loss_fn(forward, batch):
@@ -193,7 +200,7 @@ def train(cfg: DistillConfig) -> int:
             ids = torch.as_tensor(batch_ids(loader), device=device)
         cached = cache[ids] if cache is not None else None
         labels = labels_of[ids] if labels_of is not None else None
-        loss, agree = distill_step(forward, teacher, batch.views[0], d.temperature, labels, d.alpha, cached, t_dtype)
+        loss, agree = distill_step(forward, t_forward, batch.views[0], d.temperature, labels, d.alpha, cached, t_dtype)
         return loss, {"train_acc": agree}
 
     # ------------------------------------------------------------------ the loop

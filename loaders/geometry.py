@@ -230,3 +230,54 @@ def geometry(img: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) -> np
     boxes = sample_crop_boxes(img.shape[0], img.shape[1], K, spec.crop, rng)
     flips = rng.random(K) < 0.5 if spec.flip else None
     return crop_resize(img, boxes, spec.crop.size, spec.crop.interpolation, flips)
+
+
+# ----------------------------------------------------------------------------- TF1's eval view, exactly
+_TF_TABLE = 1024  # TF's legacy bicubic reads its weights from a 1024-step table
+
+
+def _tf1_bicubic_table() -> np.ndarray:
+    """TF ``InitCoeffsTable(-0.75)``: float32 [(1024 + 1), 2], (near, far) weights at x = i / 1024,
+    computed in double and stored in float, as TF does."""
+    a = -0.75
+    x = np.arange(_TF_TABLE + 1, dtype=np.float64) / _TF_TABLE
+    x = x.astype(np.float32).astype(np.float64)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    x1 = x + 1.0
+    far = ((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a
+    return np.stack([near, far], 1).astype(np.float32)
+
+
+_TF_COEFFS = _tf1_bicubic_table()
+
+
+def tf1_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """float32 [n_out, n_in]: TF1 ``tf.image.resize_bicubic`` (align_corners=False, half_pixel_centers=
+    False) along one axis. The source coordinate is ``out * (n_in / n_out)`` in float32 (no half-pixel
+    shift), the fraction is rounded to 1/1024 to index TF's weight table (Keys a=-0.75), the four taps
+    are clamped to the edge and the weights are not renormalized: TF's legacy kernel, step for step."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    loc = np.arange(n_out, dtype=np.float32) * scale
+    i0 = np.floor(loc).astype(np.int64)
+    off = np.rint((loc - i0.astype(np.float32)) * np.float32(_TF_TABLE)).astype(np.int64)
+    t = _TF_COEFFS
+    w = np.stack([t[off, 1], t[off, 0], t[_TF_TABLE - off, 0], t[_TF_TABLE - off, 1]], 1)   # [n_out, 4]
+    cols = np.clip(i0[:, None] + np.arange(-1, 3), 0, n_in - 1)
+    m = np.zeros((n_out, n_in), np.float32)
+    np.add.at(m, (np.repeat(np.arange(n_out), 4), cols.reshape(-1)), w.reshape(-1))
+    return m
+
+
+def tf_eval_view(img: np.ndarray, size: int = 224, center_fraction: float = 0.875) -> np.ndarray:
+    """google-research/simclr's TF1 eval preprocessing of one decoded image (HxWx3 uint8): float32
+    ``[3, size, size]`` in [0, 1]. ``convert_image_dtype`` (x * (1/255) in float32), the centred crop of
+    ``center_fraction`` of the shorter side (TF's rounding), ``resize_bicubic`` in float (see
+    :func:`tf1_bicubic_matrix`; no uint8 rounding between the steps), clipped to [0, 1]. No mean/std."""
+    img = to_rgb_uint8(img)
+    y0, x0, h, w = sample_crop_boxes(img.shape[0], img.shape[1], 1,
+                                     CropSpec(size=size, random=False, center_fraction=center_fraction), None)[0]
+    crop = img[y0:y0 + h, x0:x0 + w].astype(np.float32) * np.float32(1.0 / 255.0)
+    wy, wx = tf1_bicubic_matrix(int(h), size), tf1_bicubic_matrix(int(w), size)
+    out = np.einsum("yh,hwc->ywc", wy, crop)        # TF interpolates the rows first,
+    out = np.einsum("xw,ywc->cyx", wx, out)         # then along each row
+    return np.clip(out, 0.0, 1.0).astype(np.float32)

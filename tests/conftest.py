@@ -12,6 +12,9 @@ import os
 import shutil
 
 import pytest
+# Triton (loaded by torch._dynamo) before anything can import TensorFlow (tests/test_zoo.py): in the
+# other order their two LLVM copies collide and the process segfaults (see fastclr.zoo.tf1.import_tf).
+import torch._dynamo  # noqa: F401
 
 from loaders import synthetic
 

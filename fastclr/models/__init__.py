@@ -79,16 +79,18 @@ def build_model(
     proj_out_dim: int = 128,
     bn_momentum: float = BN_MOMENTUM,
     device: torch.device | str | None = None,
+    tf_maxpool: bool = False,
 ) -> SimCLRModel:
     """SimCLRv2 model. Head hidden width = backbone width (2048 * width for R50+).
 
     ``bn_momentum`` is torch's (weight of the new batch) = 1 - TF ``batch_norm_decay``; it is set on
     every BN of backbone and head. ``device``: create and initialize the weights there (e.g. "cuda"
     skips a CPU copy of a 795M-parameter model; "meta" allocates nothing).
+    ``tf_maxpool``: the stem's max-pool padded as TF pads it (models converted from TF checkpoints).
     Presets: ``build_model(**parse_model_name("r152_3x_sk1"))``.
     """
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        backbone = build_backbone(depth, width, sk_ratio, cifar_stem)
+        backbone = build_backbone(depth, width, sk_ratio, cifar_stem, tf_maxpool=tf_maxpool)
         model = SimCLRModel(backbone, ProjectionHead(backbone.out_dim, num_proj_layers, proj_out_dim))
     if bn_momentum != BN_MOMENTUM:
         for m in model.modules():
@@ -103,7 +105,8 @@ def model_kwargs(m) -> dict:
     kw = dict(depth=m.depth, width=m.width, sk_ratio=m.sk_ratio)
     if m.name:
         kw.update(parse_model_name(m.name))
-    return dict(**kw, cifar_stem=m.cifar_stem, num_proj_layers=m.num_proj_layers, proj_out_dim=m.proj_out_dim)
+    return dict(**kw, cifar_stem=m.cifar_stem, num_proj_layers=m.num_proj_layers, proj_out_dim=m.proj_out_dim,
+                tf_maxpool=m.tf_maxpool)
 
 
 def convert_sync_bn(model: nn.Module) -> nn.Module:

@@ -17,9 +17,11 @@ Semantic reference: google-research/simclr ``tf2/resnet.py``. What matches it:
 
 Deviations from TF (each also commented where it happens):
 
-* Max-pool in the stem uses torch/torchvision padding (1 on each side). TF's ``'SAME'`` pads
-  (0, 1) on even inputs, so the pooling windows are shifted by one pixel. We keep torchvision's
-  so a width-1 non-SK backbone exports to torchvision bit for bit.
+* Max-pool in the stem uses torch/torchvision padding (1 on each side) by default. TF's ``'SAME'``
+  pads (0, 1) on even inputs, so the pooling windows are shifted by one pixel. We keep torchvision's
+  so a width-1 non-SK backbone exports to torchvision bit for bit. ``tf_maxpool=True`` pads as TF
+  does (:class:`TFMaxPool3x3`): models converted from the released TF checkpoints use it, so they
+  compute what TF computed.
 * Basic blocks (R18/34) get a projection shortcut only where the shape changes (torchvision's
   rule). TF gives the first block of *every* group one, including a 64->64 1x1 conv in group 1.
   Bottleneck nets are unaffected: their first block always changes the channel count.
@@ -111,6 +113,23 @@ class TFAvgPool2x2(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}"
+
+
+class TFMaxPool3x3(nn.Module):
+    """TF ``max_pooling2d(3, 2, 'SAME')``: [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)].
+
+    'SAME' pads ``max((ceil(n/2) - 1) * 2 + 3 - n, 0)`` in total per side pair, the smaller half
+    before: (0, 1) on even sizes, (1, 1) on odd ones. Padding never wins the max (-inf)."""
+
+    @staticmethod
+    def _pads(n: int) -> tuple[int, int]:
+        total = max((-(-n // 2) - 1) * 2 + 3 - n, 0)
+        return total // 2, total - total // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (top, bottom), (left, right) = self._pads(x.shape[-2]), self._pads(x.shape[-1])
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.max_pool2d(x, 3, 2)
 
 
 def shortcut(in_ch: int, out_ch: int, stride: int, resnet_d: bool) -> nn.Sequential:
@@ -223,7 +242,8 @@ class ResNet(nn.Module):
     channels_last input.
     """
 
-    def __init__(self, depth: int = 50, width: int = 1, sk_ratio: float = 0.0, cifar_stem: bool = False):
+    def __init__(self, depth: int = 50, width: int = 1, sk_ratio: float = 0.0, cifar_stem: bool = False,
+                 tf_maxpool: bool = False):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
@@ -234,6 +254,7 @@ class ResNet(nn.Module):
         kind, blocks = DEPTHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.depth, self.width, self.sk_ratio, self.cifar_stem = depth, int(width), float(sk_ratio), cifar_stem
+        self.tf_maxpool = bool(tf_maxpool) and not cifar_stem
         w = self.width
         stem_ch = 64 * w
 
@@ -250,8 +271,9 @@ class ResNet(nn.Module):
                 self.conv1 = conv(stem_ch // 2, stem_ch, 3, 1)
             else:
                 self.conv1 = conv(3, stem_ch, 7, 2)
-            # Deviation: torchvision's padding (1, 1), not TF 'SAME' (0, 1 on even sizes): see top.
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            # Deviation unless tf_maxpool: torchvision's padding (1, 1), not TF 'SAME' (0, 1 on even
+            # sizes): see top.
+            self.maxpool = TFMaxPool3x3() if tf_maxpool else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = bn(stem_ch)
         self.relu = nn.ReLU(inplace=True)
 
@@ -274,15 +296,16 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)  # [B, out_dim]
 
     def extra_repr(self) -> str:
-        return f"depth={self.depth}, width={self.width}x, sk_ratio={self.sk_ratio}, cifar_stem={self.cifar_stem}"
+        return (f"depth={self.depth}, width={self.width}x, sk_ratio={self.sk_ratio}, cifar_stem={self.cifar_stem}"
+                + (", tf_maxpool=True" if self.tf_maxpool else ""))
 
 
 def build_backbone(depth: int = 50, width: int = 1, sk_ratio: float = 0.0, cifar_stem: bool = False,
-                   device: torch.device | str | None = None) -> ResNet:
+                   device: torch.device | str | None = None, tf_maxpool: bool = False) -> ResNet:
     """The backbone alone, created and initialized directly on ``device`` (default: torch's current
     default device). ``device="meta"`` gives shapes only: parameter counts without memory."""
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        return ResNet(depth, width, sk_ratio, cifar_stem)
+        return ResNet(depth, width, sk_ratio, cifar_stem, tf_maxpool)
 
 
 _NAME = re.compile(r"r(\d+)_(\d+)x_sk([01])")
