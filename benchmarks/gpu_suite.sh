@@ -334,7 +334,7 @@ main() {
         phase pytest_gpu 180 90 "$PY" -m pytest -m "gpu or slow" -q -p no:cacheprovider "${kexpr[@]+"${kexpr[@]}"}" \
             --junitxml="$OUT_DIR/junit-gpu.xml"
         phase throughput_rest 300 10 "$PY" benchmarks/throughput.py --device cuda \
-            --stages read,decode,geometry,augment,h2d,model,loss,optim --sweep "$SWEEP" \
+            --stages read,decode,geometry,augment,h2d,model,teacher,loss,optim --sweep "$SWEEP" \
             --out "$OUT_DIR/gpu-rest.json" "${targs[@]+"${targs[@]}"}"
         local -a jsons=()
         local f

@@ -10,7 +10,8 @@ import torch
 
 from benchmarks import ROOT
 
-STAGES = ("read", "decode", "geometry", "photometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
+STAGES = ("read", "decode", "geometry", "photometry", "augment", "h2d", "model", "teacher", "loss", "optim", "step",
+          "e2e")
 BACKENDS = ("torch", "dali", "ffcv")
 SWEEPABLE = {  # parameter -> stages it affects
     "num_threads": ("augment", "e2e"),
@@ -38,6 +39,11 @@ class Plan:
     model_warmup: int = 1
     model_iters: int = 2
     compile: bool = False
+    # The distillation teacher's forward (eval mode, no grad, channels_last): a released model's layout
+    # (TF max-pool padding, classifier on head layer 1, 1000 classes).
+    teacher_arch: str = "r50_1x_sk1"
+    teacher_batch: int = 4
+    teacher_iters: int = 2
     loss_batches: list[int] = field(default_factory=lambda: [256, 1024, 2048])
     loss_dim: int = 128
     loss_chunk: int = 256           # chunked path: columns per chunk
@@ -69,6 +75,7 @@ def make_plan(device: str, quick: bool) -> Plan:
         p = Plan(size=224, classes=20, per_class=128, batch=256, workers=min(cores, 8), stage_images=512,
                  loader_warmup=2, loader_batches=6, archs=["r50_1x_sk0", "r18_1x_sk0"], dtypes=["bf16", "fp32"],
                  model_batch=256, model_warmup=2, model_iters=5, compile=True,
+                 teacher_arch="r152_3x_sk1", teacher_batch=128, teacher_iters=5,
                  loss_batches=[256, 1024, 4096, 8192], loss_chunk=1024, loss_iters=10,
                  optim_iters=20, photometry_views=512, photometry_iters=20, step_arch="r50_1x_sk0",
                  step_batch=256, step_iters=6, step_variants=["eager", "compiled", "graph", "compiled+graph"],
@@ -77,6 +84,7 @@ def make_plan(device: str, quick: bool) -> Plan:
         if quick:
             p = replace(p, classes=4, per_class=64, batch=64, stage_images=64, loader_batches=3,
                         archs=["r18_1x_sk0"], dtypes=["bf16"], model_batch=64, model_iters=3, compile=False,
+                        teacher_arch="r50_1x_sk0", teacher_batch=64, teacher_iters=2,
                         loss_batches=[256, 1024], loss_iters=3, optim_arch="r18_1x_sk0", optim_iters=3,
                         photometry_views=128, photometry_iters=3, step_arch="r18_1x_sk0", step_batch=64,
                         step_iters=3, step_variants=["eager", "graph"], step_batches=[], e2e_arch="r18_1x_sk0",
@@ -86,6 +94,7 @@ def make_plan(device: str, quick: bool) -> Plan:
     if quick:
         p = replace(p, size=64, classes=4, per_class=8, batch=8, workers=min(cores, 2), stage_images=32,
                     loader_warmup=1, loader_batches=2, archs=["r18_1x_sk0"], model_batch=4, model_iters=1,
+                    teacher_arch="r50_1x_sk0", teacher_batch=2, teacher_iters=1,
                     loss_batches=[64, 256], loss_chunk=64, loss_ratio_batch=256, loss_iters=2,
                     optim_arch="r18_1x_sk0", optim_iters=2, photometry_views=8, photometry_iters=1, step_batch=4,
                     step_iters=1, e2e_batch=8, e2e_iters=1, min_time=0.05)

@@ -16,6 +16,7 @@ Stages (images/s; views/s where a stage makes two views per image):
   h2d       host -> device copy of a batch of crops (GPU only)
   model     backbone + head fwd+bwd on synthetic channels-last inputs, per architecture / dtype,
             eager and torch.compile
+  teacher   the distillation teacher's eval-mode forward (a released model's layout), eager and compiled
   loss      NT-Xent fwd+bwd, dense and chunked, with peak memory, vs lightly's NTXentLoss
   optim     fused LARS step vs lightly's LARS and a per-parameter loop with .item() (R50 params)
   step      full training step on synthetic data: fwd + loss + bwd + LARS

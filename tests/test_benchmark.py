@@ -21,7 +21,8 @@ SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 CARRY = ROOT / "benchmarks" / "gpu" / "carry.sh"
 INSTALL = ROOT / "benchmarks" / "gpu" / "install.sh"
 DEPS = ROOT / "benchmarks" / "gpu" / "deps.py"
-STAGES = ("read", "decode", "geometry", "photometry", "augment", "h2d", "model", "loss", "optim", "step", "e2e")
+STAGES = ("read", "decode", "geometry", "photometry", "augment", "h2d", "model", "teacher", "loss", "optim", "step",
+          "e2e")
 RATIOS = ("augment_vs_torchvision", "augment_vs_lightly", "lars_fused_vs_loop", "ntxent_vs_lightly",
           "loss_chunked_memory_flat", "e2e_vs_synthetic_step", "loader_two_view_images_per_s",
           "e2e_vs_synthetic_step_every_backend", "step_views_per_s", "lars_vs_sgd_floor",

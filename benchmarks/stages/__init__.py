@@ -5,7 +5,7 @@ skipped, with its reason.
     host        read, decode, geometry
     photometry  the colour recipe alone, per implementation
     loading     augment, h2d
-    compute   model, loss, optim
+    compute   model, teacher, loss, optim
     training  step, e2e (the step: benchmarks.train_step)
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ RUNNERS = {
     "read": host.stage_read, "decode": host.stage_decode, "geometry": host.stage_geometry,
     "photometry": photometry.stage_photometry,
     "augment": loading.stage_augment, "h2d": loading.stage_h2d,
-    "model": compute.stage_model, "loss": compute.stage_loss, "optim": compute.stage_optim,
+    "model": compute.stage_model, "teacher": compute.stage_teacher, "loss": compute.stage_loss, "optim": compute.stage_optim,
     "step": training.stage_step, "e2e": training.stage_e2e,
 }
 assert tuple(RUNNERS) == STAGES

@@ -72,6 +72,53 @@ def _time_model(b: Bench, build_model, kw, B, dtype, compiled):
     return out
 
 
+def stage_teacher(b: Bench):
+    """The distillation teacher's forward rate: a released model's classifier in eval mode, without
+    gradients, channels_last, in the training dtype, eager and (where the plan compiles) compiled."""
+    from fastclr.classifier import build_classifier
+    from fastclr.models import parse_model_name
+    p = b.plan
+    dname = p.dtypes[0]
+    dtype = parse_dtype(dname)
+    arch = {**parse_model_name(p.teacher_arch), "cifar_stem": False, "num_proj_layers": 3, "proj_out_dim": 128,
+            "tf_maxpool": True, "ft_proj_selector": 1, "num_classes": 1000}
+    rows = []
+    torch.manual_seed(0)
+    try:
+        net = build_classifier(arch, 1000, zero_init=False).to(b.device).eval().requires_grad_(False)
+        net = net.to(memory_format=torch.channels_last)
+    except Exception as e:
+        return ok_stage([skipped_row(p.teacher_arch, f"failed: {err(e)}")])
+    x = torch.rand(p.teacher_batch, 3, p.size, p.size, device=b.device).contiguous(memory_format=torch.channels_last)
+    for compiled in (False, True):
+        name = f"{p.teacher_arch} teacher {dname}" + (" compiled" if compiled else "")
+        if compiled and not p.compile:
+            rows.append(skipped_row(name, "--no-compile given" if b.cuda else "torch.compile off by default on CPU; "
+                                    "pass --compile", arch=p.teacher_arch, dtype=dname))
+            continue
+        fwd = torch.compile(net) if compiled else net
+
+        def run(fwd=fwd):
+            with torch.no_grad(), autocast(b.device, dtype):
+                fwd(x)
+        try:
+            t0 = time.perf_counter()
+            run()
+            sync(b.device)
+            first = time.perf_counter() - t0
+            dt = timed(run, b.device, 1, p.teacher_iters)
+            extra = {"compile_seconds": first} if compiled else {}
+            rows.append(row(name, impl="fastclr", arch=p.teacher_arch, dtype=dname, compiled=compiled,
+                            batch=p.teacher_batch, size=p.size, images_per_s=p.teacher_batch / dt,
+                            seconds_per_step=dt, **extra))
+        except Exception as e:
+            rows.append(skipped_row(name, f"failed: {err(e)}", arch=p.teacher_arch, dtype=dname))
+    del net
+    free(b.device)
+    return ok_stage(rows, notes=f"eval-mode forward of a released model's classifier ({p.teacher_arch}, TF max-pool, "
+                                f"head layer 1, 1000 classes), {p.teacher_batch} images of {p.size} px")
+
+
 def stage_loss(b: Bench):
     from fastclr.losses import nt_xent
     p = b.plan
