@@ -91,6 +91,8 @@ def test_list_prints_every_release_and_its_paths(capsys):
     assert "gs://simclr-checkpoints/simclrv1/pretrain/4x/" in capsys.readouterr().out
     assert cli.main(["list", "r50_9x"]) == 2
     assert "no released model 'r50_9x'" in capsys.readouterr().err
+    assert cli.markdown(rows) in (REPO / "docs" / "zoo.md").read_text(), "docs/zoo.md's table is stale: " \
+        "python -m fastclr.zoo list --markdown"
 
 
 # ----------------------------------------------------------------------------- conversion, exactly

@@ -39,6 +39,21 @@ def rows(names: Optional[List[str]] = None) -> List[dict]:
              "paths": {k: f"{catalog.GCS}/{r.path(k)}" for k in r.kinds}} for r in rels]
 
 
+COLUMNS = ("ft_1pct", "ft_10pct", "ft_100pct", "linear_eval", "supervised")
+
+
+def markdown(table: List[dict]) -> str:
+    """The release table as docs/zoo.md shows it."""
+    head = ("| name | family | depth | width | SK | params (M), release table | params (M), fastclr | "
+            "fine-tuned 1 % | 10 % | 100 % | linear eval | supervised |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for t in table:
+        top = " | ".join(str(t["top1"].get(c, "-")) for c in COLUMNS)
+        lines.append(f"| {t['name']} | {t['family']} | {t['depth']} | {t['width']}x | {'yes' if t['sk'] else 'no'} | "
+                     f"{t['params_m']} | {t['fastclr_params_m']:.1f} | {top} |")
+    return "\n".join(lines)
+
+
 def cmd_list(args) -> int:
     try:
         table = rows(args.names)
@@ -47,7 +62,10 @@ def cmd_list(args) -> int:
     if args.json:
         print(json.dumps(table, indent=1))
         return 0
-    cols = ("ft_1pct", "ft_10pct", "ft_100pct", "linear_eval", "supervised")
+    if args.markdown:
+        print(markdown(table))
+        return 0
+    cols = COLUMNS
     print(f"{'name':<13} {'fam':<3} {'depth':>5} {'width':>5} {'SK':>3} {'params M':>9} {'fastclr M':>9}  "
           + " ".join(f"{c:>11}" for c in cols))
     for t in table:
@@ -174,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="every released model: architecture, parameters, official top-1, paths")
     s.add_argument("names", nargs="*", help="only these (r50_1x_sk0, r152_3x_sk1, r50_4x, ...), with their paths")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--markdown", action="store_true", help="the table as docs/zoo.md shows it")
     s = sub.add_parser("convert", help="a downloaded TF1 release folder -> a fastclr checkpoint",
                        description="Convert a released TF1 checkpoint (needs TensorFlow: pip install "
                        "'fastclr[tf]'). The architecture comes from the variables (and must agree with the "
