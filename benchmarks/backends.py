@@ -12,7 +12,7 @@ from benchmarks.data import Data
 from benchmarks.plan import K, Plan
 from benchmarks.rows import err
 from benchmarks.timing import sync
-from loaders.common import LoaderConfig
+from loaders.config import LoaderConfig
 
 
 def batches(loader, device=None):

@@ -16,8 +16,8 @@ from benchmarks.plan import Plan, cpu_count
 from benchmarks.report import log
 from benchmarks.rows import err
 from benchmarks.timing import quiet_stdout
-from loaders import synthetic
-from loaders.common import list_image_folder
+from loaders.sources import synthetic
+from loaders.sources.folders import list_image_folder
 
 DATA_VERSION = 1  # bump when the generated benchmark data changes: part of the cache key
 
@@ -133,5 +133,5 @@ def beton_images(path: str) -> int:
     if manifest and os.path.isfile(manifest):
         with open(manifest) as f:
             return int(json.load(f)["num_images"])
-    from loaders.ffcv_loader import num_samples  # imports ffcv (numba): seconds
+    from loaders.backends.ffcv_loader import num_samples  # imports ffcv (numba): seconds
     return num_samples(path)

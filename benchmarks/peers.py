@@ -7,7 +7,7 @@ import importlib
 import torch
 
 from benchmarks.plan import Plan
-from loaders.spec import simclr
+from loaders.augment.spec import simclr
 
 LIGHTLY_MISSING = "lightly not installed (pip install 'fastclr[peers]')"
 

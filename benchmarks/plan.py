@@ -20,7 +20,7 @@ SWEEPABLE = {  # parameter -> stages it affects
     "photometry_views": ("photometry",),
 }
 K = 2  # views per image (SimCLR)
-DTYPE_CHOICES = ("fp32", "bf16", "fp16")  # --dtypes, in loaders.common.parse_dtype's names
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")  # --dtypes, in loaders.config.parse_dtype's names
 
 
 @dataclass

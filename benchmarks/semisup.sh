@@ -58,7 +58,7 @@ if [ "$DEVICE" = cuda ]; then
   # than it saves. The colour ops run as "where" (whole batch, masked: no host sync, no compile).
   CORES=$(nproc 2>/dev/null || echo 4)
   W=${SEMISUP_WORKERS:-$(( CORES > 14 ? 12 : (CORES > 3 ? CORES - 2 : 1) ))}
-  COMMON+=(--run.device=cuda --run.precision=bf16 --data.dtype=bfloat16 --data.num_workers="$W"
+  COMMON+=(--run.device=cuda --run.precision=bf16 --data.num_workers="$W"
            --model.compile=false --run.cuda_graphs=false --data.photometry_mode=where)
 elif [ -n "${SEMISUP_WORKERS:-}" ]; then
   COMMON+=(--data.num_workers="$SEMISUP_WORKERS")
@@ -106,9 +106,9 @@ FT10_X=()
 if [ "$DEVICE" = cuda ] && [ "$QUICK" != 1 ]; then
   # GPU scale: batch 512 for pretraining (lr 0.3 * B/256, the preset's rule) and the schedules the CPU
   # presets shorten for time: fine-tuning on 10 % for the paper's 30 epochs, distillation for 10 passes.
-  PRE_X+=(--data.batch_size=512 --optim.global_batch_size=512 --optim.warmup_epochs=2)
+  PRE_X+=(--optim.global_batch_size=512 --optim.warmup_epochs=2)
   FT10_X=(--optim.epochs=30 --run.eval_every=5)
-  DI_X=(--optim.epochs=10 --data.batch_size=512 --optim.global_batch_size=512 --run.eval_every=0)
+  DI_X=(--optim.epochs=10 --optim.global_batch_size=512 --run.eval_every=0)
 fi
 
 # ---------------------------------------------------------------------------------------------- 1. SimCLR
@@ -125,7 +125,7 @@ fi
 for F in 1pct 10pct; do
   # logistic regression on raw pixels: the floor every learned representation must beat
   # (in fp32 on every device: these are the pixels themselves, not a network's bf16 input)
-  step "raw_pixels_$F" "$OUT/raw_pixels_$F" linear_eval.py "demo_$F" --raw_pixels=true --data.dtype=float32 \
+  step "raw_pixels_$F" "$OUT/raw_pixels_$F" linear_eval.py "demo_$F" --raw_pixels=true --run.precision=fp32 \
     "${DATA[@]}" --run.resume=auto "${LE_X[@]}"
   # supervised from scratch: the same network and fine-tuning recipe, random init
   FX=("${FT_X[@]}")

@@ -27,7 +27,7 @@ def make_train_step(arch: str, device, dtype, variant: str = "eager"):
     from fastclr.models import build_model, parse_model_name
     from fastclr.optimizers import build_optimizer
     from fastclr.trainer import GraphedStep, TrainStep
-    from loaders.common import Batch
+    from loaders.base import Batch
     if variant not in VARIANTS:
         raise ValueError(f"unknown step variant {variant!r}; choose from {VARIANTS}")
     device = torch.device(device)

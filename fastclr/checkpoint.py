@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from loaders.files import atomic_write
+from loaders.sources.files import atomic_write
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from loaders.common import LoaderConfig
+from loaders.config import DataConfig
 from loaders.options import (ConfigError, HelpRequested, apply_preset, from_dict, get_value,  # noqa: F401
                              help_text, keys, option, parse, parse_into, save_json, set_value, to_dict)
 
@@ -94,7 +94,7 @@ class RunConfig(BaseRunConfig):
 
 @dataclass
 class PretrainConfig:
-    data: LoaderConfig = field(default_factory=LoaderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -127,7 +127,7 @@ class TrainRunConfig(BaseRunConfig):
 class FinetuneConfig:
     ckpt: str = option("", "pretrain checkpoint (file, or run dir = its newest ckpt), or 'none' = from scratch")
     zero_init_head: bool = option(True, "zero-initialize the classifier (TF zero_init_logits_layer)")
-    data: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment="finetune"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(augment="finetune"))
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         base_lr=0.005, lr_scaling="sqrt", weight_decay=0.0, warmup_epochs=0.0, epochs=60,
@@ -154,7 +154,7 @@ class DistillConfig:
     student_ckpt: str = option("", "optional pretrain.py checkpoint (or run dir) the student starts from")
     zero_init_head: bool = option(False, "zero-initialize the student's classifier")
     distill: DistillSection = field(default_factory=DistillSection)
-    data: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment="finetune"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(augment="finetune"))
     model: ModelConfig = field(default_factory=ModelConfig)
     # SimCLRv2 distills with the pretraining schedule (LARS, sqrt-scaled lr, wd, batch 4096), 400 epochs.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
@@ -170,7 +170,7 @@ class LinearEvalConfig:
     fast: bool = option(True, "extract features once (centre crop) and train on them; false = network every step")
     raw_pixels: bool = option(False, "no network: logistic regression on the flattened pixels (fast path)")
     standardize: bool = option(False, "z-score features with train mean/std (fast path; folded into the layer)")
-    data: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment="finetune"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(augment="finetune"))
     model: ModelConfig = field(default_factory=lambda: ModelConfig(ft_proj_selector=0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         optimizer="sgd", base_lr=0.1, lr_scaling="linear", weight_decay=1e-6, momentum=0.9, warmup_epochs=0.0,

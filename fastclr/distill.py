@@ -50,7 +50,7 @@ from fastclr.optimizers import classifier_optimizer
 from fastclr.runtime import UserError
 from fastclr.trainer import resolve_compile
 from loaders import subsets
-from loaders.files import count_list
+from loaders.sources.files import count_list
 
 PROG = "distill.py"
 

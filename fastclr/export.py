@@ -26,7 +26,7 @@ from torch import nn
 from fastclr import checkpoint as ckpt
 from fastclr.models import build_backbone, model_name, parse_model_name
 from fastclr.runtime import EXIT_BAD_INPUT, UserError
-from loaders.files import atomic_write
+from loaders.sources.files import atomic_write
 
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
     n = sum(v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     if config.get("tf_maxpool"):
-        print(f"fastclr.export: warning: this model pads its stem max-pool as TF does (a converted release); "
-              f"torchvision's pads (1, 1) where TF pads (0, 1), so its features differ from TF's. "
-              f"Exact: fastclr.models.build_backbone(..., tf_maxpool=True)", file=sys.stderr)
+        print("fastclr.export: warning: this model pads its stem max-pool as TF does (a converted release); "
+              "torchvision's pads (1, 1) where TF pads (0, 1), so its features differ from TF's. "
+              "Exact: fastclr.models.build_backbone(..., tf_maxpool=True)", file=sys.stderr)
     why = torchvision_incompatibility(**arch)
     if why is None:
         print(f"saved torchvision resnet{arch['depth']} state_dict without fc ({n / 1e6:.1f}M params) to {args.out}; "

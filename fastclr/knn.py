@@ -9,7 +9,6 @@ protocol for all three."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from typing import Dict, Optional
 
@@ -18,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 import loaders
+from loaders.config import loader_config
 from fastclr.metrics import extract
-from loaders.common import list_image_folder
+from loaders.sources.folders import list_image_folder
 
 
 @torch.no_grad()
@@ -90,8 +90,8 @@ def knn_report(backbone, init_state: Optional[Dict[str, torch.Tensor]], train_pa
              for split, path, n in (("train", train_path, run.knn_train_size), ("val", val_path, run.knn_val_size))}
 
     def loader_for(split, path):
-        c = dataclasses.replace(cfg.data, path=path, file_list=lists[split], augment="eval", train=False,
-                                batch_size=256, dtype="float32", backend="torch")
+        c = loader_config(cfg.data, path=path, file_list=lists[split], augment="eval", backend="torch",
+                          train=False, batch_size=256, dtype="float32")
         return loaders.build(c, rank=0, world_size=1, device=device)
 
     def score(net, name):

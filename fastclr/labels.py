@@ -4,7 +4,6 @@ their training loader, and the centre-crop evaluation loader. Input errors becom
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -15,8 +14,9 @@ from fastclr import dist, runtime
 from fastclr.config import SubsetConfig
 from fastclr.runtime import UserError
 from loaders import subsets
-from loaders.common import LoaderConfig, find_classes
-from loaders.files import count_list
+from loaders.config import DataConfig, LoaderConfig, loader_config
+from loaders.sources.folders import find_classes
+from loaders.sources.files import count_list
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def make_subset(train_path: str, sub: SubsetConfig):
         raise UserError(str(e)) from None
 
 
-def label_subset(data_cfg: LoaderConfig, sub: SubsetConfig, train_path: str,
+def label_subset(data_cfg: DataConfig, sub: SubsetConfig, train_path: str,
                  out_dir: str) -> tuple[str | None, int | None]:
     """(file_list, number of images) of the labelled images: data.file_list as given, or the subset
     (list or fraction) written by rank 0 to out_dir/labels_subset.txt; (None, None) = all images."""
@@ -80,12 +80,12 @@ def build_loader(cfg: LoaderConfig, rank: int, world: int, device: torch.device)
         raise UserError(str(e).splitlines()[0]) from None
 
 
-def eval_loader(path: str, data_cfg: LoaderConfig, batch_size: int, device: torch.device,
+def eval_loader(path: str, data_cfg: DataConfig, batch_size: int, device: torch.device,
                 file_list: str | None = None, backend: str = "torch"):
     """Centre-crop eval loader (in order, nothing dropped) over an ImageFolder or a list file."""
     n = count_list(file_list) if file_list else len(subsets.folder_entries(path))
-    c = dataclasses.replace(data_cfg, backend=backend, path=path, file_list=file_list, augment="eval",
-                            batch_size=max(1, min(batch_size, n)), train=False, dtype="float32")
+    c = loader_config(data_cfg, backend=backend, path=path, file_list=file_list, augment="eval",
+                      batch_size=max(1, min(batch_size, n)), train=False, dtype="float32")
     return build_loader(c, 0, 1, device)
 
 
@@ -102,8 +102,8 @@ def check_subset_honoured(loader, n_images: int | None, world: int, per_rank: in
 def train_loader(cfg, run: runtime.Run, file_list: str | None = None, n_images: int | None = None):
     """The training loader of a finetune / distill / linear-eval run over ``file_list`` (None: every
     image of the train path), checked to honour the list."""
-    data_cfg = dataclasses.replace(cfg.data, path=run.train_path, file_list=file_list, batch_size=run.per_rank,
-                                   train=True, seed=cfg.run.seed, dtype=runtime.dtype_name(run.dtype))
+    data_cfg = loader_config(cfg.data, path=run.train_path, file_list=file_list, batch_size=run.per_rank,
+                             train=True, seed=cfg.run.seed, dtype=runtime.dtype_name(run.dtype))
     loader = build_loader(data_cfg, run.rank, run.world, run.device)
     check_subset_honoured(loader, n_images, run.world, run.per_rank, cfg.data.backend)
     return loader

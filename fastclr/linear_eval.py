@@ -48,7 +48,7 @@ from fastclr.metrics import extract, topk
 from fastclr.optimizers import linear_sgd
 from fastclr.runtime import UserError
 from fastclr.schedule import lr_at, scaled_lr
-from loaders.common import shard_indices
+from loaders.sampling import shard_indices
 
 PROG = "linear_eval.py"
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 PROG = "python -m fastclr.plot"
-EXIT_BAD_INPUT = 2  # loaders.common's: bad input, fix it and rerun
+EXIT_BAD_INPUT = 2  # loaders.errors': bad input, fix it and rerun
 LOG_NAME = "log.jsonl"
 # The figure's size in pixels is FIGSIZE * DPI: 1500 x 850.
 FIGSIZE, DPI = (15.0, 8.5), 100

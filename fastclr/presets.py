@@ -14,7 +14,7 @@ Preset = Dict[str, Any]
 
 # ----------------------------------------------------------------------------- pretraining
 _IMAGENET = {
-    "data.image_size": 224, "data.augment": "simclr", "data.dtype": "bfloat16", "data.num_workers": 8,
+    "data.image_size": 224, "data.augment": "simclr", "data.num_workers": 8,
     "optim.global_batch_size": 4096, "optim.base_lr": 0.075, "optim.lr_scaling": "sqrt",
     "optim.weight_decay": 1e-4, "optim.momentum": 0.9, "optim.warmup_epochs": 10, "optim.epochs": 800,
     "loss.temperature": 0.1, "model.num_proj_layers": 3, "model.sync_bn": True,
@@ -28,8 +28,7 @@ PRETRAIN: Dict[str, Preset] = {
     # The embedded default: Fashion-MNIST at 32px, a small ResNet, ~5 minutes on 2 CPU cores.
     "demo_cpu": {
         "data.path": "", "data.image_size": 32, "data.augment": "simclr", "data.blur": False,
-        "data.jitter_strength": 0.5, "data.batch_size": 256, "data.num_workers": 2, "data.dtype": "float32",
-        # Crops of at least 20 % of the area, not TF's 8 %: on 28-px garments padded to 32 px an 8 % crop is
+        "data.jitter_strength": 0.5, "data.num_workers": 2, # Crops of at least 20 % of the area, not TF's 8 %: on 28-px garments padded to 32 px an 8 % crop is
         # a 9x9 patch with little of the object. Chosen on a validation split carved from the train images
         # (docs/semisup.md, "What was tried for the demo").
         "data.crop_scale": (0.2, 1.0),
@@ -46,7 +45,7 @@ PRETRAIN: Dict[str, Preset] = {
 
 # ----------------------------------------------------------------------------- fine-tuning
 _IMAGENET_FT = {
-    "data.image_size": 224, "data.augment": "finetune", "data.dtype": "bfloat16", "data.num_workers": 8,
+    "data.image_size": 224, "data.augment": "finetune", "data.num_workers": 8,
     "optim.optimizer": "lars", "optim.global_batch_size": 1024, "optim.base_lr": 0.005,
     "optim.lr_scaling": "sqrt", "optim.weight_decay": 0.0, "optim.warmup_epochs": 0,
     "model.ft_proj_selector": 1,
@@ -62,7 +61,7 @@ _IMAGENET_FT = {
 # with both changes fine-tuning clearly beats the linear probe, as in the paper.
 _DEMO_FT = {
     "data.path": "", "data.image_size": 32, "data.augment": "finetune", "data.num_workers": 2,
-    "data.dtype": "float32", "data.crop_scale": (0.35, 1.0), "model.depth": 18, "model.width": 1,
+    "data.crop_scale": (0.35, 1.0), "model.depth": 18, "model.width": 1,
     "model.cifar_stem": False,
     "optim.optimizer": "lars", "optim.base_lr": 0.05, "optim.lr_scaling": "sqrt", "optim.weight_decay": 0.0,
     "optim.warmup_epochs": 0, "run.device": "cpu", "run.precision": "fp32", "run.log_every": 10,
@@ -81,7 +80,7 @@ FINETUNE: Dict[str, Preset] = {
 
 # ----------------------------------------------------------------------------- distillation
 _IMAGENET_D = {
-    "data.image_size": 224, "data.augment": "finetune", "data.dtype": "bfloat16", "data.num_workers": 8,
+    "data.image_size": 224, "data.augment": "finetune", "data.num_workers": 8,
     "optim.global_batch_size": 4096, "optim.base_lr": 0.075, "optim.lr_scaling": "sqrt",
     "optim.weight_decay": 1e-4, "optim.warmup_epochs": 10, "optim.epochs": 400,
     "run.eval_batch_size": 500, "run.eval_every": 10, "run.ckpt_every": 2500,
@@ -92,7 +91,7 @@ _IMAGENET_D = {
 # the validation split, docs/semisup.md "Distillation crops").
 _DEMO_D = {
     "data.path": "", "data.image_size": 32, "data.augment": "finetune", "data.num_workers": 2,
-    "data.dtype": "float32", "data.crop_scale": (0.35, 1.0), "model.depth": 18, "model.width": 1, "model.cifar_stem": False,
+    "data.crop_scale": (0.35, 1.0), "model.depth": 18, "model.width": 1, "model.cifar_stem": False,
     "optim.global_batch_size": 256, "optim.base_lr": 0.3, "optim.lr_scaling": "linear",
     "optim.weight_decay": 1e-6, "optim.warmup_epochs": 0.1, "optim.epochs": 2,
     "run.device": "cpu", "run.precision": "fp32", "run.log_every": 10, "run.eval_batch_size": 500,
@@ -110,13 +109,12 @@ DISTILL: Dict[str, Preset] = {
 # ----------------------------------------------------------------------------- linear evaluation
 # The demo's label budgets are small (600 / 6000 images): a smaller batch, the same lr rule, more steps.
 _DEMO_LE = {
-    "data.path": "", "data.image_size": 32, "data.num_workers": 2, "data.dtype": "float32",
-    "optim.base_lr": 0.1, "optim.lr_scaling": "linear", "optim.weight_decay": 1e-6, "optim.epochs": 90,
+    "data.path": "", "data.image_size": 32, "data.num_workers": 2, "optim.base_lr": 0.1, "optim.lr_scaling": "linear", "optim.weight_decay": 1e-6, "optim.epochs": 90,
     "run.device": "cpu", "run.precision": "fp32", "run.eval_every": 10, "run.eval_batch_size": 500,
     "run.log_every": 50,
 }
 LINEAR: Dict[str, Preset] = {
-    "imagenet": {"data.image_size": 224, "data.dtype": "bfloat16", "data.num_workers": 8,
+    "imagenet": {"data.image_size": 224, "data.num_workers": 8,
                  "optim.global_batch_size": 4096, "run.eval_every": 10, "run.eval_batch_size": 500,
                  "run.out_dir": "runs/linear_eval"},
     "demo_1pct": {**_DEMO_LE, "subset.fraction": 0.01, "optim.global_batch_size": 64,

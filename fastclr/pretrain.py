@@ -12,7 +12,6 @@ same augmentations, same RNG).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import loaders
+from loaders.config import loader_config
 from fastclr import config as C
 from fastclr import dist, presets, runtime
 from fastclr.knn import knn_report
@@ -62,8 +62,8 @@ def train(cfg: C.PretrainConfig) -> int:
 
     # ------------------------------------------------------------------ data
     # Derived, not written back into cfg: the per-rank batch and the views' dtype.
-    data_cfg = dataclasses.replace(cfg.data, path=run.train_path, batch_size=run.per_rank, train=True,
-                                   seed=cfg.run.seed, dtype=runtime.dtype_name(run.dtype))
+    data_cfg = loader_config(cfg.data, path=run.train_path, batch_size=run.per_rank, train=True,
+                             seed=cfg.run.seed, dtype=runtime.dtype_name(run.dtype))
     try:
         # Contrastive learning needs two views of every image, whatever recipe data.augment names.
         spec = loaders.spec_from_config(data_cfg).replace(num_views=2)

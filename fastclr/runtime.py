@@ -18,7 +18,8 @@ import torch
 
 from fastclr import checkpoint as ckpt
 from fastclr import dist
-from loaders.common import EXIT_BAD_INPUT, EXIT_FAILED, dtype_name, parse_dtype  # noqa: F401  (re-exported)
+from loaders.errors import EXIT_BAD_INPUT, EXIT_FAILED  # noqa: F401
+from loaders.config import dtype_name, parse_dtype  # noqa: F401
 
 
 class UserError(Exception):
@@ -39,7 +40,7 @@ def run_entry(prog: str, cls, presets, description: str, fn, argv=None) -> int:
     checkpoints (exit 2), a full disk or non-finite weights (exit 1). The process group is always
     torn down."""
     from fastclr import config as C
-    from loaders.common import DataError
+    from loaders.errors import DataError
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = C.parse(cls, argv, presets, prog=prog, description=description)
     # fastclr's own warnings (a skipped checkpoint, ...) read as one line, not as source locations

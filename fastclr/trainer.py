@@ -40,7 +40,7 @@ from fastclr import dist, runtime
 from fastclr.models import convert_sync_bn
 from fastclr.runtime import UserError
 from fastclr.schedule import lr_at, scaled_lr
-from loaders.common import Batch
+from loaders.base import Batch
 
 LossFn = Callable[[nn.Module, Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import importlib
 
-from .common import Batch, LoaderConfig, find_classes, list_image_folder  # noqa: F401
-from .spec import AugmentSpec, preset  # noqa: F401
+from .base import Batch  # noqa: F401
+from .config import LoaderConfig  # noqa: F401
+from .sources.folders import find_classes, list_image_folder  # noqa: F401
+from .augment.spec import AugmentSpec, preset  # noqa: F401
 
 # backend name -> (module, builder function). Imported lazily.
 BACKENDS = {
-    "torch": ("loaders.torch_loader", "build_torch_loader"),
-    "dali": ("loaders.dali_loader", "build_dali_loader"),
-    "ffcv": ("loaders.ffcv_loader", "build_ffcv_loader"),
+    "torch": ("loaders.backends.torch_loader", "build_torch_loader"),
+    "dali": ("loaders.backends.dali_loader", "build_dali_loader"),
+    "ffcv": ("loaders.backends.ffcv_loader", "build_ffcv_loader"),
 }
 
 INSTALL_HINT = {

@@ -9,7 +9,7 @@ produces the batches of one (epoch, first batch); everything a training loop rel
 
 Rules:
 * **Sharding.** Each epoch, every rank takes a disjoint 1/world_size slice of one global permutation
-  (``common.shard_indices``; the same on every rank and in every backend). In training the last
+  (``sampling.shard_indices``; the same on every rank and in every backend). In training the last
   partial batch is dropped: an epoch visits ``epoch_indices(e)``, the first ``len() * batch_size``
   indices of the shard. In evaluation (``cfg.train`` False) nothing is dropped and nothing shuffled.
 * **Position.** ``set_epoch(e, start_step=k)`` sets the next pass; starting a pass takes the position
@@ -24,24 +24,25 @@ Rules:
 from __future__ import annotations
 
 import logging
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .common import (
-    Batch,
-    LoaderConfig,
-    check_batch_fits,
-    list_image_folder,
-    parse_dtype,
-    read_file_list,
-    shard_indices,
-    steps_per_epoch,
-)
-from .spec import AugmentSpec
+from .augment.photometry import resolve_mode
+from .augment.spec import AugmentSpec
+from .config import LoaderConfig, parse_dtype
+from .sampling import check_batch_fits, shard_indices, steps_per_epoch
+from .sources.folders import list_image_folder, read_file_list
 
 log = logging.getLogger(__name__)
+
+class Batch(NamedTuple):
+    """One training batch. ``views``: list of [B, 3, H, W] tensors on the training device,
+    channels_last, in the training dtype. ``labels``: int64 [B] or None."""
+    views: list
+    labels: Optional[object]
+
 
 MAX_WARNINGS_PER_EPOCH = 5   # bad files named in the log per pass; the rest only counted
 
@@ -75,6 +76,8 @@ class BaseLoader:
         self.dtype = parse_dtype(cfg.dtype)
         # Colour ops run on the training device unless data.photometry_device=cpu.
         self.photometry_device = self.device if cfg.photometry_device == "auto" else torch.device("cpu")
+        # data.photometry_mode made concrete once, for where the colour ops run (augment.resolve_mode).
+        self.photometry_mode = resolve_mode(cfg.photometry_mode, self.photometry_device)
         self.epoch, self._start = 0, 0
         self.bad_files: List[Tuple[str, str]] = []
         self.num_skipped = 0

@@ -27,7 +27,7 @@ import typing
 from dataclasses import field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .files import atomic_write_text
+from .sources.files import atomic_write_text
 
 
 class ConfigError(ValueError):

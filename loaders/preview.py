@@ -5,9 +5,9 @@ view captioned with the parameters it was made with.
     python -m loaders.preview --data.path=/data/train --data.backend=dali --out dali.png
     python -m loaders.preview --data.path=/data/train.beton --data.backend=ffcv --out ffcv.png
 
-The images are the first batch of epoch 0 for a batch of N (``data.seed``; ``--seed`` is the same
-thing): the same N images for every backend on the same data, since all three draw the epoch's order
-from one permutation (``common.shard_indices``). Two backends side by side show how their views
+The images are the first batch of epoch 0 for a batch of N (``--seed``, as a run's ``run.seed``): the
+same N images for every backend on the same data, since all three draw the epoch's order from one
+permutation (``sampling.shard_indices``). Two backends side by side show how their views
 differ, e.g. DALI's native colour ops against the torch ones.
 
 What the captions know:
@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from . import options
-from .common import EXIT_BAD_INPUT, DataError, LoaderConfig
+from .errors import EXIT_BAD_INPUT, DataError
+from .config import DataConfig, LoaderConfig, loader_config
 
 PROG = "python -m loaders.preview"
 NAMES = {0: "brightness", 1: "contrast", 2: "saturation", 3: "hue"}  # augment's op codes
@@ -52,20 +53,20 @@ class PreviewError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# --data.key=value -> LoaderConfig: fastclr's parser (loaders.options), the same rules and errors
+# --data.key=value -> DataConfig: fastclr's parser (loaders.options), the same rules and errors
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
 class _DataOptions:
-    data: LoaderConfig = field(default_factory=LoaderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
-def data_options(pairs: list[str], cfg: LoaderConfig | None = None) -> LoaderConfig:
-    """``["--data.path=/x", "--data.image_size", "64", ...]`` -> a LoaderConfig (PreviewError on bad input:
+def data_options(pairs: list[str], cfg: DataConfig | None = None) -> DataConfig:
+    """``["--data.path=/x", "--data.image_size", "64", ...]`` -> a DataConfig (PreviewError on bad input:
     an unknown key suggests the closest one, a wrong type names the field and the type, choices and
     ranges are checked)."""
     try:
-        return options.parse_into(_DataOptions(cfg or LoaderConfig()), list(pairs), {}, prog=PROG).data
+        return options.parse_into(_DataOptions(cfg or DataConfig()), list(pairs), {}, prog=PROG).data
     except options.ConfigError as e:
         raise PreviewError(str(e)) from None
 
@@ -127,7 +128,7 @@ def _first_images(cfg: LoaderConfig, n: int):
     """(samples, shard): the folder's (path, label) samples and epoch 0's order of their indices, whose
     first N are the first batch (the torch loader's shard for one rank)."""
     from .base import resolve_samples
-    from .common import shard_indices
+    from .sampling import shard_indices
     samples, _, _ = resolve_samples(cfg)
     if n > len(samples):
         raise PreviewError(f"-n {n} is more than the {len(samples)} images of {cfg.path or 'the demo set'}")
@@ -139,8 +140,7 @@ def preview_torch(cfg: LoaderConfig, spec, n: int, device="cpu") -> Preview:
     import torch
 
     from . import augment
-    from .common import seed_words
-    from .torch_loader import photometry_generator
+    from .sampling import colour_generator, geometry_rng
     samples, shard = _first_images(cfg, n)
     K, S = spec.num_views, spec.size
     originals, names, boxes, flips = [], [], [], []
@@ -154,7 +154,7 @@ def preview_torch(cfg: LoaderConfig, spec, n: int, device="cpu") -> Preview:
                 break
         if img is None:
             raise PreviewError(f"no readable image in {cfg.path}")
-        rng = np.random.default_rng(seed_words(cfg.seed, 0, 0, pos))  # the loader's stream of slot pos
+        rng = geometry_rng(cfg.seed, 0, 0, pos)  # the loader's stream of slot pos
         b = augment.sample_crop_boxes(img.shape[0], img.shape[1], K, spec.crop, rng)
         f = rng.random(K) < 0.5 if spec.flip else np.zeros(K, bool)
         crops[pos] = augment.crop_resize(img, b, S, spec.crop.interpolation, f if spec.flip else None)
@@ -170,7 +170,7 @@ def preview_torch(cfg: LoaderConfig, spec, n: int, device="cpu") -> Preview:
     x.mul_(1.0 / 255.0)
     params = None
     if spec.has_photometry:
-        gen = photometry_generator(cfg.seed, 0, 0, 0, device)
+        gen = colour_generator(cfg.seed, 0, 0, 0, device)
         params = augment.sample_photometric_params(K * n, spec, gen, device=device)
         x = augment.photometric(x, spec, params=params, inplace=True, mode=cfg.photometry_mode)
     vp = [[ViewParams(tuple(int(c) for c in boxes[i][k]), bool(flips[i][k]),
@@ -184,7 +184,7 @@ def preview_torch(cfg: LoaderConfig, spec, n: int, device="cpu") -> Preview:
 def _decoded(path: str) -> np.ndarray | None:
     """The RGB image the torch loader decodes from ``path``; None where it would skip the file."""
     from .augment import to_rgb_uint8
-    from .decode import decode_rgb
+    from .sources.decode import decode_rgb
     try:
         return to_rgb_uint8(decode_rgb(Path(path).read_bytes()))
     except Exception:  # noqa: BLE001  (the loader skips whatever fails to read or decode)
@@ -197,8 +197,8 @@ _NO_COLOUR = {"jitter": False, "ops": [], "gray": False, "sigma": None}
 def preview_ffcv(cfg: LoaderConfig, spec, n: int, device="cpu") -> Preview:
     """The FFCV loader's first batch of N; boxes and flips recomputed from its per-sample streams."""
     from . import augment
-    from .common import epoch_seed
-    from .ffcv_loader import build_ffcv_loader, sample_geometry
+    from .sampling import colour_generator, epoch_seed
+    from .backends.ffcv_loader import build_ffcv_loader, sample_geometry
     from .write_ffcv import read_beton
     loader = build_ffcv_loader(replace(cfg, batch_size=n, train=True), spec, device=device)
     loader.set_epoch(0)
@@ -209,9 +209,7 @@ def preview_ffcv(cfg: LoaderConfig, spec, n: int, device="cpu") -> Preview:
     originals = {i: img for i, img, _ in read_beton(cfg.path, [int(j) for j in index])}
     params = None
     if spec.has_photometry:
-        import torch
-        gen = torch.Generator(device=loader.photometry_device)
-        gen.manual_seed(epoch_seed(cfg.seed, 0, 0))  # the loader's photometry stream; batch 0 draws first
+        gen = colour_generator(cfg.seed, 0, 0, 0, loader.photometry_device)  # batch 0's colour stream
         params = augment.sample_photometric_params(spec.num_views * n, spec, gen)
     K, vp, names = spec.num_views, [], []
     files = _beton_files(cfg.path)
@@ -238,8 +236,9 @@ def _beton_files(path: str) -> list | None:
 def preview_dali(cfg: LoaderConfig, spec, n: int, device="cpu") -> Preview:
     """The DALI loader's first batch of N; what DALI draws inside its pipeline is not knowable."""
     from . import augment
-    from .dali_loader import build_dali_loader, torch_photometry_generator
-    from .decode import decode_rgb
+    from .backends.dali_loader import build_dali_loader
+    from .sampling import colour_generator
+    from .sources.decode import decode_rgb
     loader = build_dali_loader(replace(cfg, batch_size=n, train=True), spec, device=device)
     try:
         loader.set_epoch(0)
@@ -248,7 +247,7 @@ def preview_dali(cfg: LoaderConfig, spec, n: int, device="cpu") -> Preview:
         paths = [loader.paths[int(j)] for j in index]
         params = None
         if spec.has_photometry and cfg.dali_photometry == "torch":
-            gen = torch_photometry_generator(cfg.seed, 0, 0, loader.photometry_device)
+            gen = colour_generator(cfg.seed, 0, 0, 0, loader.photometry_device)
             params = augment.sample_photometric_params(spec.num_views * n, spec, gen)
         views = _uint8_views(batch.views, n)
     finally:
@@ -268,9 +267,11 @@ def _short(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
-def make_preview(cfg: LoaderConfig, n: int = 4, device="cpu") -> Preview:
-    """The first batch of N of ``cfg.backend`` (with ``cfg.seed``), its originals and every view's
-    parameters (``Preview.params[i][k]``: image i, view k)."""
+def make_preview(cfg: DataConfig, n: int = 4, device="cpu", seed: int = 0) -> Preview:
+    """The first batch of N of ``cfg.backend`` with ``seed`` (a LoaderConfig brings its own), its
+    originals and every view's parameters (``Preview.params[i][k]``: image i, view k)."""
+    if not isinstance(cfg, LoaderConfig):
+        cfg = loader_config(cfg, batch_size=n, train=True, seed=seed)
     from . import available, spec_from_config
     from .demo_data import DemoDataError
     ok, why = available(cfg.backend)
@@ -368,7 +369,7 @@ def draw(pv: Preview, out: str | os.PathLike, title: str | None = None, dpi: int
                 side.set_linewidth(2)
             below(ax, caption(k, pv.params[i][k], pv.spec))
     head = title or (f"loaders.preview: backend {pv.backend}, recipe {pv.spec.name}, {pv.spec.size} px, "
-                     f"data.seed={pv.seed}")
+                     f"seed {pv.seed}")
     fig.text(0.5, 1 - 0.12 / fh, f"{head}\n{pv.note}", ha="center", va="top", fontsize=10)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
@@ -390,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=data_help() + "\n\nExit status: 0 written, 2 bad input (options, data, a missing backend).")
     p.add_argument("--out", default="views.png", help="PNG to write (default: views.png)")
     p.add_argument("-n", type=int, default=4, metavar="N", help="images, one row each (default: 4)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the order, crops and colours (= --data.seed; default: data.seed, 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the order, crops and colours, as a run's --run.seed (default: 0)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where the backend runs (cuda: DALI's GPU pipeline, colour ops on the GPU; the GPU's "
                         "random streams differ from the CPU's). Default: cpu")
@@ -405,18 +406,16 @@ def main(argv=None) -> int:
     ap = build_parser()
     args, rest = ap.parse_known_args(argv)
     try:
-        cfg = data_options(rest)
-        if args.seed is not None:
-            if any(a.startswith("--data.seed") for a in rest) and cfg.seed != args.seed:
-                raise PreviewError(f"--seed {args.seed} and --data.seed={cfg.seed} disagree: give one")
-            cfg = replace(cfg, seed=args.seed)
         if args.n < 1:
             raise PreviewError(f"-n must be >= 1, got {args.n}")
+        if args.seed < 0:
+            raise PreviewError(f"--seed must be >= 0, got {args.seed}")
+        cfg = data_options(rest)
         if args.device == "cuda":
             import torch
             if not torch.cuda.is_available():
                 raise PreviewError("--device cuda but no CUDA device is visible (use --device cpu)")
-        pv = make_preview(cfg, args.n, args.device)
+        pv = make_preview(cfg, args.n, args.device, seed=args.seed)
         if args.dpi < 20:
             raise PreviewError(f"--dpi must be >= 20, got {args.dpi}")
         w, h = draw(pv, args.out, args.title, args.dpi)

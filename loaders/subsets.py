@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files, manifest
-from .common import EXIT_BAD_INPUT, find_classes, scan_image_folder
-from .files import read_list
+from .sources import files, manifest
+from .errors import EXIT_BAD_INPUT
+from .sources.folders import find_classes, scan_image_folder
+from .sources.files import read_list
 
 Entry = tuple[str, int]  # (path relative to the data root, label)
 
@@ -71,7 +72,7 @@ def _missing_error(missing: Sequence[str], total: int, where: str, source: str) 
 
 def _relpaths_by_class(root: Path, classes: Sequence[str] | None = None) -> dict[str, list[str]]:
     """class -> image paths relative to ``root``, in the order every backend lists them
-    (``loaders.common.scan_image_folder``: symlink loops refused, unusable names left out)."""
+    (``loaders.sources.folders.scan_image_folder``: symlink loops refused, unusable names left out)."""
     scan = scan_image_folder(root, classes)
     out: dict[str, list[str]] = {}
     for path, label in scan.samples:
@@ -225,7 +226,7 @@ def make_subset(root: str | os.PathLike, list_file: str | None = None, fraction:
 
 
 def write_list(entries: Sequence[Entry], out: str | os.PathLike) -> str:
-    """Write ``relpath label`` lines atomically (``loaders.files``); returns the path."""
+    """Write ``relpath label`` lines atomically (``loaders.sources.files``); returns the path."""
     try:
         return files.write_list(entries, out)
     except ValueError as e:

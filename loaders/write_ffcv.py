@@ -19,7 +19,7 @@ Outputs, for OUT = ``name.beton``:
   name.skipped.txt         ``relative/path<TAB>reason`` for every skipped file (always written)
 
 Labels use the one mapping of every fastclr backend: sorted class folder names
-(``loaders.common.list_image_folder``). ImageNet's val/ must first be sorted into class folders
+(``loaders.sources.folders.list_image_folder``). ImageNet's val/ must first be sorted into class folders
 (see the README). Exit status: 0 written, 2 bad input (no valid image, a bad selection), 1 writing failed.
 """
 from __future__ import annotations
@@ -35,10 +35,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import manifest
-from .common import EXIT_BAD_INPUT, EXIT_FAILED, bad_name_reason, scan_image_folder
-from .decode import read_rgb
-from .files import atomic_write_text
+from .sources import manifest
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED
+from .sources.folders import bad_name_reason, scan_image_folder
+from .sources.decode import read_rgb
+from .sources.files import atomic_write_text
 from .validate import check_file
 
 Sample = Tuple[str, int]
@@ -66,7 +67,7 @@ def skipped_path(out: str | os.PathLike) -> str:
 
 
 def read_manifest(beton: str | os.PathLike) -> dict:
-    """The manifest beside ``beton``, checked against it (``loaders.manifest.read``)."""
+    """The manifest beside ``beton``, checked against it (``loaders.sources.manifest.read``)."""
     return manifest.read(beton)
 
 

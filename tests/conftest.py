@@ -16,7 +16,7 @@ import pytest
 # other order their two LLVM copies collide and the process segfaults (see fastclr.zoo.tf1.import_tf).
 import torch._dynamo  # noqa: F401
 
-from loaders import synthetic
+from loaders.sources import synthetic
 
 NUM_CLASSES = 4
 PER_CLASS = 6
@@ -67,7 +67,8 @@ def dali_contract_data(tmp_path_factory, mixed_folder):
     readable odd files (CMYK, PNG named .JPEG, gray, 1x1, 6000x4000: DALI's CPU decoder reads them all)
     and drops the 3 unreadable ones."""
     pytest.importorskip("nvidia.dali", reason="DALI not installed: pip install 'fastclr[dali]'")
-    from loaders import synthetic, validate
+    from loaders.sources import synthetic
+    from loaders import validate
     out = tmp_path_factory.mktemp("dali_list") / "clean_list.txt"
     rc = validate.main([mixed_folder, "--out", str(out), "--workers", "1", "--quiet"])
     assert rc == 0, f"loaders.validate exited with {rc}"
@@ -96,7 +97,7 @@ def ffcv_mixed_beton(tmp_path_factory, mixed_folder) -> dict:
 def ffcv_contract_data(ffcv_mixed_beton):
     """The 24 good images and the 5 readable odd files are in the .beton; the 3 unreadable ones were
     skipped by the converter, so the loader itself sees no bad file."""
-    from loaders import synthetic
+    from loaders.sources import synthetic
     expected = NUM_CLASSES * PER_CLASS + len(synthetic.READABLE)
     assert ffcv_mixed_beton["written"] == expected, ffcv_mixed_beton
     return dict(path=ffcv_mixed_beton["out"], file_list=None, expected_images=expected, bad=0,

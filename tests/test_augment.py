@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from loaders import augment as A
-from loaders.spec import CropSpec, JitterSpec, finetune, simclr
+from loaders.augment.spec import CropSpec, JitterSpec, finetune, simclr
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -401,7 +401,7 @@ def test_data_crop_scale_reaches_both_recipes_and_bounds_the_crops(recipe):
     """--data.crop_scale (the demo presets' gentler crops) sets the crop of the simclr and the finetune
     recipe; every sampled box then covers at least that area fraction; an inverted range is refused."""
     import loaders
-    from loaders.common import LoaderConfig
+    from loaders.config import LoaderConfig
     spec = loaders.spec_from_config(LoaderConfig(augment=recipe, image_size=32, crop_scale=(0.35, 1.0)))
     assert spec.crop.scale == (0.35, 1.0)
     boxes = A.sample_crop_boxes(320, 320, 2000, spec.crop, np.random.default_rng(0))

@@ -431,9 +431,9 @@ def test_semisup_gpu_variant_wiring(tmp_path):
         cfg = parse_into(cls(), a[1:], table)
         assert cfg.run.device == "cuda"
         # bf16 views for the networks, the raw-pixel baseline in fp32 (a step's own option wins over COMMON)
-        assert cfg.data.dtype == ("float32" if "--raw_pixels=true" in a else "bfloat16"), a
+        assert cfg.run.precision == ("fp32" if "--raw_pixels=true" in a else "bf16"), a
     for name, a in steps.items():
-        for opt in ("--run.device=cuda", "--run.precision=bf16", "--data.dtype=bfloat16", "--data.num_workers=5",
+        for opt in ("--run.device=cuda", "--run.precision=bf16", "--data.num_workers=5",
                     "--model.compile=false", "--run.cuda_graphs=false"):
             assert opt in a, (name, opt)
     assert {"--optim.epochs=40", "--run.max_steps=none", "--optim.global_batch_size=512"} <= set(steps["pretrain"])

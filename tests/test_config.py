@@ -26,8 +26,8 @@ def test_defaults_are_the_simclrv2_recipe():
     (["--optim.lr=4"], "optim.lr", 4.0),                 # int -> float
     (["--optim.lr=none"], "optim.lr", None),              # Optional
     (["--optim.epochs=100"], "optim.epochs", 100),
-    (["--data.train=false"], "data.train", False),
-    (["--data.train=0"], "data.train", False),
+    (["--data.blur=false"], "data.blur", False),
+    (["--data.blur=0"], "data.blur", False),
     (["--model.cifar_stem=1"], "model.cifar_stem", True),
     (["--model.compile=TRUE"], "model.compile", True),
     (["--loss.chunk_size=4096"], "loss.chunk_size", 4096),
@@ -60,7 +60,7 @@ def test_unknown_key_is_one_line_error_with_suggestion(argv, needle):
 @pytest.mark.parametrize("argv, needle", [
     (["--optim.epochs=1.5"], "--optim.epochs: expected int"),
     (["--optim.lr=fast"], "--optim.lr: expected float or none"),
-    (["--data.train=maybe"], "--data.train: expected bool"),
+    (["--data.blur=maybe"], "--data.blur: expected bool"),
     (["--data.backend=tensorflow"], "--data.backend: 'tensorflow' is not one of torch, dali, ffcv"),
     (["--model.depth=42"], "--model.depth: 42 is not one of"),
     (["--optim.lr"], "--optim.lr: missing value"),

@@ -12,10 +12,13 @@ import torch
 pytest.importorskip("nvidia.dali", reason="DALI not installed: pip install 'fastclr[dali]'")
 
 from conftest import NUM_CLASSES, PER_CLASS  # noqa: E402
-from loaders import augment, spec as specs  # noqa: E402
-from loaders.common import LoaderConfig, list_image_folder, shard_indices  # noqa: E402
-from loaders import dali_loader, dali_pipeline  # noqa: E402
-from loaders.dali_loader import build_dali_loader  # noqa: E402
+from loaders.augment import spec as specs  # noqa: F401
+from loaders import augment  # noqa: F401
+from loaders.config import LoaderConfig  # noqa: F401
+from loaders.sources.folders import list_image_folder  # noqa: F401
+from loaders.sampling import shard_indices  # noqa: F401
+from loaders.backends import dali_loader, dali_pipeline  # noqa: E402
+from loaders.backends.dali_loader import build_dali_loader  # noqa: E402
 
 N = NUM_CLASSES * PER_CLASS
 SIZE = 32
@@ -207,7 +210,7 @@ def _run_op(images, op):
 @pytest.fixture(scope="module")
 def float_images():
     rng = np.random.default_rng(0)
-    from loaders.synthetic import textured_image
+    from loaders.sources.synthetic import textured_image
     return [textured_image(rng, 40, 30).astype(np.float32) / 255 for _ in range(3)]
 
 

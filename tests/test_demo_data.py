@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from loaders import demo_data
-from loaders.common import list_image_folder
+from loaders.sources.folders import list_image_folder
 
 
 def test_real_demo_set_counts_per_class(demo_root):

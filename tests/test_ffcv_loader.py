@@ -15,11 +15,13 @@ from PIL import Image
 pytest.importorskip("ffcv", reason="FFCV not installed: pip install 'fastclr[ffcv]'")
 cv2 = pytest.importorskip("cv2")
 
-from loaders import spec as specs  # noqa: E402
+from loaders.augment import spec as specs  # noqa: E402
 from loaders import write_ffcv  # noqa: E402
 from loaders.augment import sample_crop_boxes  # noqa: E402
-from loaders.common import LoaderConfig, steps_per_epoch  # noqa: E402
-from loaders.ffcv_loader import build_ffcv_loader, center_box, next_uniform, random_box, sample_state  # noqa: E402
+from loaders.config import LoaderConfig  # noqa: F401
+from loaders.sampling import steps_per_epoch  # noqa: F401
+from loaders.backends.ffcv_loader import (build_ffcv_loader, center_box, next_uniform, random_box,  # noqa: E402
+    sample_state)
 
 FLAT_CLASSES, FLAT_PER_CLASS = 4, 5
 # (w, h): landscape, portrait, tiny, large; with write_mode smart the small ones are stored raw.

@@ -5,8 +5,8 @@ import numpy as np
 from PIL import Image
 
 from conftest import NUM_CLASSES, PER_CLASS
-from loaders import synthetic
-from loaders.common import list_image_folder
+from loaders.sources import synthetic
+from loaders.sources.folders import list_image_folder
 
 
 def test_image_folder_layout_and_sizes(image_folder):

@@ -1,4 +1,4 @@
-"""loaders.fused_photometry (photometric / finish_views mode="fused") against the exact oracle.
+"""loaders.augment.fused (photometric / finish_views mode="fused") against the exact oracle.
 
 The oracle is ``photometric(mode="subset")`` (tested against TF's kernels in test_augment.py). With
 the same parameters the fused path must match it within 1e-5 in fp32 and 2e-2 in bf16, for every
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from loaders import augment as A
-from loaders import fused_photometry as FP
-from loaders.spec import JitterSpec, simclr
+from loaders.augment import fused as FP
+from loaders.augment.spec import JitterSpec, simclr
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # Tests that compile (inductor C++ on this machine); the others run the same graphs eagerly.

@@ -24,8 +24,9 @@ import torch
 from conftest import NUM_CLASSES, PER_CLASS
 
 import loaders
-from loaders import synthetic
-from loaders.common import LoaderConfig, steps_per_epoch
+from loaders.sources import synthetic
+from loaders.config import LoaderConfig
+from loaders.sampling import steps_per_epoch
 
 BACKENDS = ["torch", "dali", "ffcv"]
 SIZE = 32   # small views: the contract is about shapes, sharding and bookkeeping, not pixels

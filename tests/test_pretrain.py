@@ -83,7 +83,7 @@ def test_smoke_other_backends(tmp_path, request, backend):
 def test_overfit_one_batch_drives_loss_down(tmp_path, image_folder):
     """The same 8 images in every step (a list file of 8, batch 8), crop+flip views: the loss must
     fall to a fraction of its start."""
-    from loaders.common import list_image_folder
+    from loaders.sources.folders import list_image_folder
     samples, _ = list_image_folder(image_folder)
     lst = tmp_path / "eight.txt"
     lst.write_text("".join(f"{os.path.relpath(p, image_folder)} {lab}\n" for p, lab in samples[::3][:8]))
@@ -193,7 +193,7 @@ def test_demo_knn_beats_random_init(tmp_path, demo_root):
     out = tmp_path / "demo"
     r = run(["demo_cpu", f"--data.path={demo_root / 'train'}", f"--run.val_path={demo_root / 'val'}",
              f"--run.out_dir={out}", "--run.max_steps=12", "--optim.global_batch_size=128",
-             "--data.batch_size=128", "--run.knn_train_size=2000", "--run.knn_val_size=1000",
+             "--run.knn_train_size=2000", "--run.knn_val_size=1000",
              "--run.progress=false"], timeout=600)
     done = log_records(out)[-1]
     assert done["event"] == "done" and done["step"] == 12

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import loaders
+import loaders.sampling
 from loaders import augment, preview
-from loaders.common import LoaderConfig, seed_words
-from loaders.torch_loader import photometry_generator
+from loaders.config import LoaderConfig
+from loaders.sampling import colour_generator, geometry_rng
 
 pytest.importorskip("matplotlib", reason="matplotlib not installed: pip install 'fastclr[plot]'")
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +52,13 @@ def test_captions_are_the_params_the_views_were_made_with(torch_preview):
     cfg, pv = torch_preview
     spec, K = pv.spec, pv.spec.num_views
     # The colour parameters: the batch's one draw, view-major (view k of image i is row k*N + i).
-    p = augment.sample_photometric_params(K * N, spec, photometry_generator(SEED, 0, 0, 0, "cpu"))
+    p = augment.sample_photometric_params(K * N, spec, colour_generator(SEED, 0, 0, 0, "cpu"))
     # The geometry: slot pos's own stream, boxes then flips (augment.geometry's order).
     samples, _ = loaders.list_image_folder(cfg.path)
-    order = loaders.common.shard_indices(len(samples), 0, 1, 0, SEED, True)
+    order = loaders.sampling.shard_indices(len(samples), 0, 1, 0, SEED, True)
     for i in range(N):
         img = augment.to_rgb_uint8(np.asarray(preview._decoded(samples[order[i]][0])))
-        rng = np.random.default_rng(seed_words(SEED, 0, 0, i))
+        rng = geometry_rng(SEED, 0, 0, i)
         boxes = augment.sample_crop_boxes(img.shape[0], img.shape[1], K, spec.crop, rng)
         flips = rng.random(K) < 0.5
         for k in range(K):
@@ -86,7 +87,7 @@ def test_the_views_follow_from_the_captioned_params(torch_preview):
     """Re-applying each caption's crop box, flip and colour parameters to the original gives the view."""
     _, pv = torch_preview
     spec, K = pv.spec, pv.spec.num_views
-    p = augment.sample_photometric_params(K * N, spec, photometry_generator(SEED, 0, 0, 0, "cpu"))
+    p = augment.sample_photometric_params(K * N, spec, colour_generator(SEED, 0, 0, 0, "cpu"))
     crops = np.stack([augment.crop_resize(pv.originals[i], np.array([pv.params[i][k].box for k in range(K)]),
                                           SIZE, spec.crop.interpolation,
                                           np.array([pv.params[i][k].flip for k in range(K)])) for i in range(N)])
@@ -112,7 +113,8 @@ def test_bad_input_is_one_line(image_folder, tmp_path, capsys):
              ([f"--data.path={tmp_path / 'none'}"], "not found"),
              ([f"--data.path={image_folder}", "-n", "1000"], "more than the 24 images"),
              ([f"--data.path={image_folder}", "stray"], "unexpected argument"),
-             ([f"--data.path={image_folder}", "--seed", "1", "--data.seed=2"], "disagree")]
+             ([f"--data.path={image_folder}", "--seed", "-1"], "--seed must be >= 0"),
+             ([f"--data.path={image_folder}", "--data.seed=2"], "unknown option --data.seed")]
     for args, msg in cases:
         assert preview.main(args + ["--out", str(tmp_path / "x.png")]) == 2, args
         err = capsys.readouterr().err.strip()
@@ -132,14 +134,13 @@ def test_help_and_no_fastclr_import():
 def test_dali_grid(dali_contract_data, tmp_path):
     """DALI draws its crops and flips inside its pipeline: the captions say so; with the torch photometry
     the colour parameters are the shared stream's first draw."""
-    from loaders.dali_loader import torch_photometry_generator
     d = dali_contract_data
     cfg = LoaderConfig(backend="dali", path=d["path"], file_list=d["file_list"], image_size=SIZE, seed=SEED,
                        num_workers=1, dali_photometry="torch")
     pv = preview.make_preview(cfg, 2)
     assert pv.views.shape == (2, 2, SIZE, SIZE, 3) and len(pv.originals) == 2
     assert all(v.box is None and v.flip is None for row in pv.params for v in row)
-    p = augment.sample_photometric_params(4, pv.spec, torch_photometry_generator(SEED, 0, 0, "cpu"))
+    p = augment.sample_photometric_params(4, pv.spec, colour_generator(SEED, 0, 0, 0, "cpu"))
     assert pv.params[1][1].colour == preview.colour_params(p, 3, pv.spec)
     assert "crop drawn by the backend" in preview.caption(0, pv.params[0][0], pv.spec)
     out = tmp_path / "dali.png"

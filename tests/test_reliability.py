@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from loaders import subsets, synthetic, validate, write_ffcv
-from loaders.common import list_image_folder, read_file_list
+from loaders.sources import synthetic
+from loaders import subsets, validate, write_ffcv
+from loaders.sources.folders import list_image_folder, read_file_list
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -331,7 +332,7 @@ def test_manifest_and_beton_from_different_conversions_are_detected(tmp_path, mo
     """The manifest was renamed into place after the .beton: a kill in between left a new .beton
     (500 samples) beside an old manifest (2,000), and subsets map through the manifest."""
     pytest.importorskip("ffcv", reason="FFCV not installed: pip install 'fastclr[ffcv]'")
-    from loaders import manifest
+    from loaders.sources import manifest
     small = small_folder(tmp_path / "small", per_class=2)
     big = small_folder(tmp_path / "big", per_class=4, seed=5)
     out = tmp_path / "out.beton"
@@ -366,9 +367,9 @@ def test_manifest_and_beton_from_different_conversions_are_detected(tmp_path, mo
 
 def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     """PIL's I;16 -> RGB clips: 99.6 % of the pixels came out 255 in the converter, while OpenCV
-    (torch backend) was right. Every path now decodes with loaders.decode."""
+    (torch backend) was right. Every path now decodes with loaders.sources.decode."""
     import cv2
-    from loaders.decode import decode_rgb, pil_to_rgb
+    from loaders.sources.decode import decode_rgb, pil_to_rgb
     from PIL import Image
     root = small_folder(tmp_path / "data")
     a = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
@@ -393,7 +394,7 @@ def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
 def test_truncated_beton_is_named(tmp_path, ffcv_mixed_beton):
     pytest.importorskip("ffcv", reason="FFCV not installed: pip install 'fastclr[ffcv]'")
     import loaders
-    from loaders.common import LoaderConfig
+    from loaders.config import LoaderConfig
     cut = tmp_path / "cut.beton"
     data = open(ffcv_mixed_beton["out"], "rb").read()
     cut.write_bytes(data[: len(data) // 2])

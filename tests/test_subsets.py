@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from loaders import subsets
-from loaders.common import read_file_list
+from loaders.sources.folders import read_file_list
 
 SUBSETS_DIR = Path(__file__).resolve().parents[2] / "shared" / "imagenet_subsets"
 ONE_PCT = SUBSETS_DIR / "1percent.txt"

@@ -12,10 +12,12 @@ import pytest
 import torch
 from conftest import NUM_CLASSES, PER_CLASS
 
-from loaders import augment, synthetic
-from loaders.common import LoaderConfig, list_image_folder
-from loaders.spec import finetune, simclr
-from loaders.torch_loader import TorchLoader, build_torch_loader, decode_rgb
+from loaders.sources import synthetic
+from loaders import augment
+from loaders.config import LoaderConfig
+from loaders.sources.folders import list_image_folder
+from loaders.augment.spec import finetune, simclr
+from loaders.backends.torch_loader import TorchLoader, build_torch_loader, decode_rgb
 
 S = 32
 
@@ -110,7 +112,7 @@ def test_eval_mode_keeps_the_last_partial_batch(image_folder):
 def test_bad_files_are_replaced_logged_and_counted(mixed_folder, caplog):
     samples, _ = list_image_folder(mixed_folder)
     n = len(samples)
-    caplog.set_level(logging.WARNING, logger="loaders.torch_loader")
+    caplog.set_level(logging.WARNING, logger="loaders.backends.torch_loader")
     loader = build_torch_loader(cfg_for(mixed_folder, batch_size=n, num_workers=1), simclr(S))
     (batch, _), = epoch(loader)
     assert batch.views[0].shape[0] == n
@@ -183,7 +185,7 @@ def test_bytes_path_survives_a_jpeg_no_decoder_can_read(image_folder, monkeypatc
     process: counted as bad, its row repeats the next decodable image (with that image's label)."""
     import torchvision.io
 
-    from loaders import torch_loader
+    from loaders.backends import torch_loader
     samples, _ = list_image_folder(image_folder)
     victim = read(samples[1][0])
     real_decode, real_rgb = torchvision.io.decode_jpeg, torch_loader.decode_rgb
@@ -291,7 +293,7 @@ def test_photometry_mode_reaches_the_colour_ops_and_both_modes_agree(image_folde
         seen.append(kw.get("mode"))
         return real(*a, **kw)
 
-    monkeypatch.setattr(augment, "photometric", spy)
+    monkeypatch.setattr(augment.photometry, "photometric", spy)  # what finish_views calls
     runs = {}
     for mode in ("where", "subset"):
         seen.clear()

@@ -27,7 +27,7 @@ from fastclr.losses import contrastive_loss
 from fastclr.models import build_model
 from fastclr.optimizers import build_optimizer
 from fastclr.trainer import GraphedStep, TrainStep
-from loaders.common import Batch
+from loaders.base import Batch
 
 ROOT = Path(__file__).resolve().parents[1]
 

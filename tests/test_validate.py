@@ -1,13 +1,14 @@
 """loaders.validate: every unreadable file is listed with a reason, every good one is kept, the list
-is what loaders.common.read_file_list (and DALI's file_list) reads, exit codes and summary line."""
+is what loaders.sources.folders.read_file_list (and DALI's file_list) reads, exit codes and summary line."""
 import os
 import re
 
 import pytest
 
 from conftest import NUM_CLASSES, PER_CLASS
-from loaders import synthetic, validate
-from loaders.common import list_image_folder, read_file_list
+from loaders.sources import synthetic
+from loaders import validate
+from loaders.sources.folders import list_image_folder, read_file_list
 
 GOOD = NUM_CLASSES * PER_CLASS
 

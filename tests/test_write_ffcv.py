@@ -22,8 +22,9 @@ cv2 = pytest.importorskip("cv2")
 
 from conftest import NUM_CLASSES, PER_CLASS  # noqa: E402
 
-from loaders import synthetic, write_ffcv  # noqa: E402
-from loaders.common import list_image_folder  # noqa: E402
+from loaders.sources import synthetic  # noqa: F401
+from loaders import write_ffcv  # noqa: F401
+from loaders.sources.folders import list_image_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = NUM_CLASSES * PER_CLASS + len(synthetic.READABLE)

@@ -150,8 +150,8 @@ def test_tf_maxpool_is_tf_same_padding():
 
 
 def test_tf_eval_view_matches_tf1_preprocessing():
-    """loaders.geometry.tf_eval_view = TF1's convert_image_dtype, 0.875 centre crop and resize_bicubic."""
-    from loaders.geometry import tf_eval_view
+    """loaders.augment.geometry.tf_eval_view = TF1's convert_image_dtype, 0.875 centre crop and resize_bicubic."""
+    from loaders.augment.geometry import tf_eval_view
     rng = np.random.default_rng(0)
     for H, W in [(375, 500), (500, 333), (61, 100), (224, 224)]:
         img = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
@@ -279,8 +279,8 @@ def test_eval_and_predict(converted, thousand_classes, tmp_path, capsys):
     """eval's top-1 is the classifier's argmax on TF's eval views, counted independently here; predict
     names ImageNet classes."""
     from fastclr.zoo.evaluate import labelled_samples
-    from loaders.decode import read_rgb
-    from loaders.geometry import tf_eval_view
+    from loaders.sources.decode import read_rgb
+    from loaders.augment.geometry import tf_eval_view
     ckpt = str(converted["supervised/r50_1x_sk0"])
     out = tmp_path / "eval.json"
     assert cli.main(["eval", ckpt, f"--data.path={thousand_classes}", "--limit=40", "--image-size=64",

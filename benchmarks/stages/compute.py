@@ -13,7 +13,7 @@ from benchmarks.rows import err, ok_stage, row, skipped_row
 from benchmarks.stages.bench import Bench
 from benchmarks.timing import free, peak_memory, sync, timed
 from fastclr.runtime import autocast
-from loaders.common import parse_dtype
+from loaders.config import parse_dtype
 
 
 def stage_model(b: Bench):

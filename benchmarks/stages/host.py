@@ -14,7 +14,7 @@ from benchmarks.rows import err, ok_stage, row, skip_stage, skipped_row
 from benchmarks.stages.bench import Bench
 from benchmarks.timing import timed, torch_threads
 from loaders import augment
-from loaders.spec import simclr
+from loaders.augment.spec import simclr
 
 
 def stage_read(b: Bench):

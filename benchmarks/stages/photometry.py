@@ -18,7 +18,7 @@ from benchmarks.rows import err, ok_stage, row, skipped_row
 from benchmarks.stages.bench import Bench
 from benchmarks.timing import free, sync, timed
 from loaders import augment
-from loaders.spec import simclr
+from loaders.augment.spec import simclr
 
 
 def stage_photometry(b: Bench):

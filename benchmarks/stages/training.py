@@ -13,7 +13,7 @@ from benchmarks.rows import err, ok_stage, row, skip_stage, skipped_row
 from benchmarks.stages.bench import Bench
 from benchmarks.timing import free, sync, timed
 from benchmarks.train_step import GRAPH_WARMUP, make_train_step
-from loaders.common import dtype_name, parse_dtype
+from loaders.config import dtype_name, parse_dtype
 
 
 def stage_step(b: Bench):

@@ -1,6 +1,6 @@
 """Regenerate docs/images/preview_fixture.png, the README's example of ``python -m loaders.preview``:
-4 textured RGB JPEGs from ``loaders.synthetic`` (ImageNet-like sizes), the torch backend's SimCLR views at
-224 px, data.seed=0. Run from the repository root: ``python docs/images/preview_fixture.py``.
+4 textured RGB JPEGs from ``loaders.sources.synthetic`` (ImageNet-like sizes), the torch backend's SimCLR views at
+224 px, seed 0. Run from the repository root: ``python docs/images/preview_fixture.py``.
 
 The grid is stored as a 256-colour, dithered PNG at 75 dpi (a 224 px view is 225 px on screen): the
 synthetic textures are noise-rich, and the full-colour file would weigh ~1 MB in the repository."""
@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image
 
-from loaders import preview, synthetic
+from loaders.sources import synthetic
+from loaders import preview
 
 OUT = ROOT / "docs" / "images" / "preview_fixture.png"
 

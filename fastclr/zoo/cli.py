@@ -139,7 +139,7 @@ def cmd_eval(args) -> int:
         print(f"{PROG} eval: warning: {len(res['unreadable'])} unreadable images left out, e.g. "
               f"{res['unreadable'][0]!r}")
     if args.out:
-        from loaders.files import atomic_write_text
+        from loaders.sources.files import atomic_write_text
         atomic_write_text(args.out, json.dumps({"checkpoint": file, "data": args.data_path, **res,
                                                 "official_top1": official, "zoo": state.get("zoo")},
                                                indent=1) + "\n")

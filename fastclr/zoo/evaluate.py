@@ -1,5 +1,5 @@
 """Top-1/top-5 and top-k predictions of a classifier (a converted release, or any finetune.py / distill.py
-checkpoint) with the official TF1 eval preprocessing (``loaders.geometry.tf_eval_view``: 0.875 centre
+checkpoint) with the official TF1 eval preprocessing (``loaders.augment.geometry.tf_eval_view``: 0.875 centre
 crop, float bicubic resize as TF1 computes it, [0, 1] inputs, no mean/std)."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastclr import runtime
 from fastclr.runtime import UserError
-from loaders.common import IMG_EXTENSIONS, list_image_folder, read_file_list
-from loaders.decode import read_rgb
-from loaders.geometry import tf_eval_view
+from loaders.sources.folders import IMG_EXTENSIONS, list_image_folder, read_file_list
+from loaders.sources.decode import read_rgb
+from loaders.augment.geometry import tf_eval_view
 
 
 class EvalImages(Dataset):

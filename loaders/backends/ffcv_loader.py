@@ -60,10 +60,11 @@ from ffcv.traversal_order.base import TraversalOrder
 from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
 
 # TF_MIN_OBJECT_COVERED: TF's crop_and_resize passes min_object_covered=0.1 (see augment.py).
-from .augment import TF_MIN_OBJECT_COVERED, finish_views
-from .base import BaseLoader
-from .common import Batch, LoaderConfig, epoch_seed
-from .spec import AugmentSpec
+from ..augment import TF_MIN_OBJECT_COVERED, finish_views
+from ..augment.spec import AugmentSpec
+from ..base import Batch, BaseLoader
+from ..config import LoaderConfig
+from ..sampling import colour_generator, epoch_seed
 
 log = logging.getLogger(__name__)
 _U64 = np.uint64
@@ -319,7 +320,7 @@ class FFCVLoader(BaseLoader):
         super().__init__(cfg, spec, rank, world_size, device)
         total = num_samples(cfg.path)
         if cfg.file_list:
-            from .subsets import beton_indices
+            from ..subsets import beton_indices
             self.indices = beton_indices(cfg.path, cfg.file_list)
         else:
             self.indices = np.arange(total, dtype=np.int64)
@@ -362,11 +363,9 @@ class FFCVLoader(BaseLoader):
         return super().shard(epoch)
 
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        """The skipped batches before ``start`` are decoded and dropped, so the crops and colours that
-        follow are exactly those of the uninterrupted epoch."""
+        """The batches before ``start`` are decoded by FFCV and dropped (its crops are per sample, its
+        colour streams per batch), so those that follow are exactly those of the uninterrupted epoch."""
         self._seed_cell[0] = np.uint64(epoch_seed(self.cfg.seed, epoch))  # crops: per sample, rank-free
-        gen = torch.Generator(device=self.photometry_device)
-        gen.manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank))
         self._running_epoch = epoch
         it = iter(self._ffcv)           # asks _EpochOrder for this epoch's order, starts decoding
         order = self._position[np.asarray(it.order)]  # what FFCV will decode, as samples p
@@ -376,10 +375,11 @@ class FFCVLoader(BaseLoader):
                 self.jit_seconds = time.perf_counter() - t0
                 log.info("ffcv loader: first batch after %.1f s (numba JIT)", self.jit_seconds)
             self.last_indices = order[i * B:(i + 1) * B]
-            # new tensors: FFCV reuses its buffers
-            views = finish_views(crops, self.spec, gen, self.dtype, mode=self.cfg.photometry_mode)
-            if i < start:  # before the resume position: computed (to keep the streams exact), not yielded
+            if i < start:  # before the resume position: decoded by FFCV's pipeline, not yielded
                 continue
+            gen = colour_generator(self.cfg.seed, epoch, self.rank, i, self.photometry_device)
+            # new tensors: FFCV reuses its buffers
+            views = finish_views(crops, self.spec, gen, self.dtype, mode=self.photometry_mode)
             if self.photometry_device != self.device:
                 views = [v.to(self.device, non_blocking=True) for v in views]
             # FFCV's label buffer is reused batches_ahead + 2 batches later: copy it.

@@ -14,9 +14,8 @@ Two paths, one recipe (augment.py), same crops for the same seed:
   (bicubic, no antialias, like the CPU path) and runs ``finish_views``. Files that are not plain
   JPEGs (PNG named .JPEG, CMYK, ...) are decoded on the CPU by the worker instead.
 
-Randomness: the geometry of the sample at position ``pos`` of this rank's epoch shard uses
-``np.random.default_rng([seed, epoch, rank, pos])``; the colour ops of batch ``b`` use a
-torch.Generator seeded from (seed, epoch, rank, b) on the device that runs them. So batches are
+Randomness: loaders.sampling's policy (the geometry of shard position ``pos``: ``geometry_rng``; the
+colour ops of batch ``b``: ``colour_generator``, on the device that runs them). So batches are
 reproducible from ``cfg.seed`` whatever the worker count (CPU and CUDA generators differ).
 
 Bad files: a file that cannot be read or decoded (truncated, empty, not an image) is replaced by the
@@ -41,11 +40,13 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import augment
-from .base import BaseLoader, resolve_samples
-from .common import Batch, DataError, LoaderConfig, derive_seed, seed_words, shard_indices
-from .decode import cv2, decode_rgb  # noqa: F401  (decode_rgb: also this module's public name)
-from .spec import AugmentSpec
+from .. import augment
+from ..augment.spec import AugmentSpec
+from ..base import Batch, BaseLoader, resolve_samples
+from ..config import LoaderConfig
+from ..errors import DataError
+from ..sampling import colour_generator, geometry_rng, shard_indices
+from ..sources.decode import cv2, decode_rgb
 
 # ----------------------------------------------------------------------------------------------
 # Decoding (worker side)
@@ -65,15 +66,6 @@ def _is_plain_jpeg(data: bytes) -> Tuple[bool, Optional[Tuple[int, int]]]:
             return True, (h, w)
     except Exception:
         return False, None
-
-
-def photometry_generator(seed: int, epoch: int, rank: int, batch: int, device) -> torch.Generator:
-    """The colour ops' random stream of one batch: a function of (seed, epoch, rank, batch) only,
-    so results do not depend on the worker count or on where the ops run (the CPU and CUDA
-    generators produce different streams, though)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(seed, epoch, rank, batch, 0x5EED))
-    return g
 
 
 def _reason(e: BaseException) -> str:
@@ -120,7 +112,7 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self._shard
 
     def rng(self, epoch: int, pos: int) -> np.random.Generator:
-        return np.random.default_rng(seed_words(self.seed, epoch, self.rank, pos))
+        return geometry_rng(self.seed, epoch, self.rank, pos)
 
     def _load(self, idx: int):
         """Decoded RGB image (CPU path) or (bytes or decoded image, (h, w)) (bytes path); raises."""
@@ -185,7 +177,7 @@ class _BatchDataset(torch.utils.data.Dataset):
             # In a worker the views go straight into shared memory: the batch then crosses to the main
             # process without the copy the DataLoader's pickler would make.
             shared = _shared_views(n * K, S, self.photometry_dtype) if _in_worker() else None
-            out["views"] = augment.finish_views(torch.from_numpy(crops), spec, photometry_generator(
+            out["views"] = augment.finish_views(torch.from_numpy(crops), spec, colour_generator(
                 self.seed, epoch, self.rank, b, "cpu"), self.photometry_dtype, mode=self.photometry_mode,
                 out=shared)
         else:
@@ -256,6 +248,7 @@ class TorchLoader(BaseLoader):
         # The bytes path's pixels are already on the decode device: its colour ops run there.
         if self.main_decode_device is not None:
             self.photometry_device = self.main_decode_device
+            self.photometry_mode = augment.resolve_mode(cfg.photometry_mode, self.photometry_device)
         # CPU colour ops run in the workers (one thread each, next to the decode) when there are
         # workers: on a small or busy CPU, multi-threaded ops in the main process stall on their
         # OpenMP barriers (3-10x slower on 2 shared cores); workers scale with their count.
@@ -264,11 +257,11 @@ class TorchLoader(BaseLoader):
         self.dataset = _BatchDataset(self.samples, spec, cfg.seed, rank, world_size, cfg.batch_size,
                                      shuffle=cfg.train, bytes_only=self.main_decode_device is not None,
                                      photometry_dtype=self.dtype if self.photometry_in_workers else None,
-                                     photometry_mode=cfg.photometry_mode)
-        if self.photometry_in_workers and augment.resolve_mode(cfg.photometry_mode, "cpu") == "fused":
+                                     photometry_mode=self.photometry_mode)
+        if self.photometry_in_workers and self.photometry_mode == "fused":
             # Compiled CPU graphs: built here, single-threaded like the workers, before they fork
             # (each worker would otherwise compile its own, slowly and with every core).
-            from .fused_photometry import warmup
+            from ..augment import warmup
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
@@ -337,9 +330,9 @@ class TorchLoader(BaseLoader):
                     labels, used = labels[src], used[src]
                 else:
                     crops = item["crops"]
-                gen = photometry_generator(self.cfg.seed, epoch, self.rank, b, self.photometry_device)
+                gen = colour_generator(self.cfg.seed, epoch, self.rank, b, self.photometry_device)
                 views = augment.finish_views(crops, self.spec, gen, self.dtype, device=self.photometry_device,
-                                             mode=self.cfg.photometry_mode)
+                                             mode=self.photometry_mode)
             self.last_used_indices = used.numpy()
             views = [v.to(self.device, non_blocking=True) for v in views]
             yield Batch(views, labels.to(self.device, non_blocking=True))

@@ -11,6 +11,10 @@ import torch.nn.functional as F
 
 # tf.image.rgb_to_grayscale (ITU-R 601-2 luma, TF's rounding of the constants).
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+# Op codes of the colour jitter, in TF's non-random order (a sample's ``order`` row holds them; NO_OP
+# where jitter is off or an op's strength is 0).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+NO_OP = -1
 
 
 

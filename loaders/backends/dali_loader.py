@@ -1,5 +1,5 @@
 """DALI backend: an AugmentSpec realized as a DALI graph, on the GPU (decode "mixed") or on the CPU
-(``device_id=None``, used by the tests and CI). With loaders.dali_pipeline (the graph) the only modules
+(``device_id=None``, used by the tests and CI). With loaders.backends.dali_pipeline (the graph) the only modules
 that import DALI.
 
     encoded bytes (external_source, this rank's shard in shard order)
@@ -26,8 +26,8 @@ sample indices and labels through the pipeline, so ``last_indices`` and the labe
 itself, not from a guess about how far DALI prefetched. Epochs, positions and the tail rule are the
 contract's (loaders.base).
 
-Randomness: the order depends on (cfg.seed, epoch) only; the torch photometry generator on (cfg.seed,
-epoch, rank). DALI's own random ops (crop, flip, "dali" photometry) are seeded once per (cfg.seed,
+Randomness: the order depends on (cfg.seed, epoch) only; the torch colour ops of batch b draw from
+loaders.sampling.colour_generator(cfg.seed, epoch, rank, b), as in every backend. DALI's own random ops (crop, flip, "dali" photometry) are seeded once per (cfg.seed,
 rank) when the pipeline is built, so a run resumed with set_epoch(e) sees epoch e's exact order but
 other random crops than the uninterrupted run (DALI's RNG state is not reseeded per epoch).
 
@@ -52,30 +52,23 @@ import numpy as np
 import torch
 from nvidia.dali.tensors import TensorGPU
 
-from . import augment
-from .base import BaseLoader, resolve_samples
-from .common import Batch, DataError, LoaderConfig, derive_seed
+from .. import augment
+from ..augment.spec import AugmentSpec
+from ..base import Batch, BaseLoader, resolve_samples
+from ..config import LoaderConfig
+from ..errors import DataError
+from ..sampling import colour_generator, derive_seed
 from .dali_pipeline import HW_PREALLOC, INTERP, simclr_pipeline
-from .spec import AugmentSpec
 
 log = logging.getLogger(__name__)
 
 PHOTOMETRY_MODES = ("torch", "dali")
-# Seed streams: distinct SeedSequence words, so the DALI pipeline, the torch photometry generator and
-# common.shard_indices' permutation (which uses [seed, epoch, 0]) never share a stream.
-_DALI_STREAM, _TORCH_STREAM = 1, 2
+# The DALI pipeline's seed: a stream of its own (loaders.sampling's other streams never use this word).
+_DALI_STREAM = 0x5A11
 
 
 def _seed(seed: int, epoch: int, rank: int, stream: int, bits: int = 63) -> int:
-    return derive_seed(seed, epoch, rank, stream, 0x5A11, bits=bits)
-
-
-def torch_photometry_generator(seed: int, epoch: int, rank: int, device) -> torch.Generator:
-    """The stream of the colour ops of ``data.dali_photometry=torch`` for one epoch on one rank: every
-    batch's ``finish_views`` draws from it in turn (loaders.preview reads the first batch's back)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(_seed(seed, epoch, rank, _TORCH_STREAM))
-    return gen
+    return derive_seed(seed, epoch, rank, stream, bits=bits)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,13 +205,13 @@ class DaliLoader(BaseLoader):
         steps = len(self) - start
         self._source.arm(self.epoch_indices(epoch)[start * self.cfg.batch_size:], steps)
         self._open = True
-        gen = None
-        if self.cfg.dali_photometry == "torch":
-            gen = torch_photometry_generator(self.cfg.seed, epoch, self.rank, self.photometry_device)
-        for _ in range(steps):
+        for b in range(start, start + steps):
             outs = self._run()
             indices = np.asarray(outs[0].as_array(), dtype=np.int64).reshape(-1)
             labels = self._to_torch(outs[1])
+            gen = None
+            if self.cfg.dali_photometry == "torch":
+                gen = colour_generator(self.cfg.seed, epoch, self.rank, b, self.photometry_device)
             views = self._views(outs[2:], gen)
             self.last_indices = indices
             self._batches_seen += 1
@@ -235,7 +228,7 @@ class DaliLoader(BaseLoader):
             # Looked up on the module at call time, so tests can spy on it.
             crops = torch.stack(tensors, dim=1)  # [B, K, S, S, 3] uint8
             views = augment.finish_views(crops, self.spec, gen, self.dtype, device=self.photometry_device,
-                                         mode=self.cfg.photometry_mode)
+                                         mode=self.photometry_mode)
             if self.photometry_device != self.device:
                 views = [v.to(self.device, non_blocking=True) for v in views]
             return views
@@ -274,7 +267,7 @@ class DaliLoader(BaseLoader):
     def _decode_error(self, err: Exception) -> DataError:
         """A one-line error naming the undecodable file (found by re-checking the batches in flight,
         since DALI's message names neither the file nor the batch) and the fix."""
-        from .validate import DaliChecker, check_file, dali_reason
+        from ..sources.checks import DaliChecker, check_file, dali_reason
 
         log.debug("DALI pipeline error: %s", err)
         candidates = [self.paths[j] for idx in self._source.recent for j in idx]

@@ -53,6 +53,7 @@ import threading
 import torch
 import torch.fx.experimental._config as _fx_config
 
+from .colour import BRIGHTNESS, CONTRAST, GRAY_WEIGHTS, HUE, SATURATION, gaussian_kernels
 from .spec import AugmentSpec
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,6 @@ log = logging.getLogger(__name__)
 # Columns of the per-position jitter table [N, 4, TABLE_COLS].
 ON, ON_BEFORE_CONTRAST, ALPHA, SAT, DELTA, BETA = range(6)
 TABLE_COLS = 6
-# Must equal augment.GRAY_WEIGHTS / the op codes (asserted in augment to avoid an import cycle).
-GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +102,6 @@ def kernel_size(spec: AugmentSpec, height: int) -> int:
 def blur_weights(params: dict[str, torch.Tensor], ksize: int) -> torch.Tensor:
     """float32 [N, ksize]: ``augment.gaussian_kernels(sigma)`` for samples with ``params["blur"]``,
     the identity kernel (1 at the centre, exact zeros elsewhere) for the others."""
-    from .augment import gaussian_kernels
     sigma = params["sigma"].to(torch.float32)
     n = sigma.shape[0]
     if ksize == 1:
@@ -343,15 +340,3 @@ def fused_photometric(src: torch.Tensor, spec: AugmentSpec, params: dict[str, to
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
-
-
-def warmup(spec: AugmentSpec, batch: int, dtype=torch.float32, device="cpu") -> None:
-    """Compile (or load from inductor's disk cache) the graphs ``finish_views(mode="fused")`` needs
-    for ``spec`` at this output dtype, so the cost is not paid by the first batch. On a CPU call it
-    in the main process with the thread count the workers will use (torch.set_num_threads(1)) before
-    DataLoader workers fork: forked workers inherit the compiled graphs."""
-    from .augment import finish_views
-    S = spec.size
-    crops = torch.zeros((batch, spec.num_views, S, S, 3), dtype=torch.uint8, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    finish_views(crops, spec, gen, dtype, mode="fused")

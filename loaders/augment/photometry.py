@@ -1,44 +1,15 @@
-"""Batched SimCLR augmentation: uint8 geometry on the host, colour ops on whole batches on any device.
-
-Two stages, shared by every backend:
-
-* **geometry** (per decoded image, uint8, numpy + OpenCV; ``loaders/geometry.py``): ``sample_crop_boxes``
-  -> ``crop_resize`` (+ horizontal flips). One decode, K crops (docs/design.md "two views, one decode").
-* **photometry** (per batch, float tensors on the training device): ``photometric`` applies colour
-  jitter in a random order per sample, grayscale, gaussian blur and (opt-in) normalization to
-  ``[N, 3, H, W]`` with per-sample parameters, masks and ``torch.where`` / index_copy - never a
-  Python loop over samples (the ops themselves: ``loaders/colour.py``). ``finish_views`` is the last
-  stage every backend calls. On CUDA the
-  default is the compiled fused path (``loaders/fused_photometry.py``: four passes over the pixels).
-
-The semantic reference is google-research/simclr ``tf2/data_util.py`` and the TF kernels it calls
-(``sample_distorted_bounding_box``, ``adjust_hue``, ``adjust_saturation``, ``adjust_contrast``,
-``rgb_to_grayscale``). Every place this file deviates from TF is marked ``# TF deviation:``.
-Summary:
-  * crop-resize uses OpenCV bicubic (Keys a=-0.75, no antialias) on uint8; TF resizes float
-    [0, 1] images with Keys a=-0.5 (``tf.image.resize(BICUBIC)``, no antialias). Crops are
-    rounded to uint8 before the colour ops (<= 0.5/255 quantization).
-  * the blur sigma is drawn per sample; TF's ``batch_random_blur`` draws one sigma per batch.
-  * lower jitter bounds are clamped at 0 for strength > 1.25 (TF raises for contrast/saturation).
-  * the random-crop fallback after ``attempts`` failures is torchvision's (centre crop clamped to
-    the aspect range); TF falls back to the whole image. Both agree when the image aspect is in range.
-"""
+"""The colour recipe on whole batches (``photometric``, ``apply``: subset / where / fused kernels) and
+``finish_views``, the last stage of every backend (uint8 crops -> finished views). See the package
+docstring (loaders.augment) for the two stages and the TF deviations."""
 from __future__ import annotations
 
 import threading
 
 import torch
 
-# The recipe's pieces, re-exported: ``augment.X`` is the one place a backend or a test looks for them.
-from .colour import (GRAY_WEIGHTS, adjust_brightness, adjust_contrast, adjust_hue,  # noqa: F401
-                     adjust_saturation, gaussian_blur, gaussian_kernels, hsv_to_rgb, rgb_to_hsv, to_grayscale)
-from .geometry import (TF_MIN_OBJECT_COVERED, crop_resize, crop_resize_tensor, geometry,  # noqa: F401
-                       sample_crop_boxes, to_rgb_uint8)
+from .colour import (BRIGHTNESS, CONTRAST, HUE, NO_OP, SATURATION, adjust_brightness, adjust_contrast,
+                     adjust_hue, adjust_saturation, gaussian_blur, to_grayscale)
 from .spec import AugmentSpec
-
-# Op codes of the colour jitter, in TF's non-random order.
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
-NO_OP = -1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,20 +75,24 @@ _JITTER_OPS = {
 }
 
 # CPU: photometric works on chunks of this many images so that the ~30 temporaries of an op stay
-# in cache (measured ~2-4x faster per image than whole-batch ops on a 2-core machine).
+# in cache (docs/benchmarks.md has the measurement).
 CPU_CHUNK = 8
 MODES = ("auto", "subset", "where", "fused")
 
 
-def resolve_mode(mode: str, device) -> str:
-    """``mode`` with "auto" made concrete for ``device``: fused on CUDA (compiled, no host sync),
-    subset on the CPU (eager exact work: no compile cost on first use), where elsewhere."""
+def resolve_mode(mode: str, device, dtype: torch.dtype = torch.float32) -> str:
+    """The colour-op kernels ``mode`` means on ``device`` for inputs of ``dtype``: "auto" is fused on
+    CUDA (compiled, no host sync), subset on the CPU (exact eager work, no compile cost), where
+    elsewhere; the fused graphs compute in fp32, so float64 inputs take subset (CPU) or where. The one
+    place a mode is made concrete: a loader resolves its ``data.photometry_mode`` once."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode != "auto":
-        return mode
     kind = torch.device(device).type
-    return "fused" if kind == "cuda" else "subset" if kind == "cpu" else "where"
+    if mode == "auto":
+        mode = "fused" if kind == "cuda" else "subset" if kind == "cpu" else "where"
+    if mode == "fused" and dtype == torch.float64:
+        mode = "subset" if kind == "cpu" else "where"
+    return mode
 
 
 def _apply_where(y: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -180,7 +155,7 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator |
         images for cache locality). The reference the others are tested against.
       * "where": every op on the whole batch at every position, selected with torch.where (~4x the
         arithmetic, ~230 unfused passes, no host sync).
-      * "fused": ``fused_photometry`` - the whole recipe as four compiled passes (torch.compile:
+      * "fused": ``loaders.augment.fused`` - the whole recipe as four compiled passes (torch.compile:
         Triton on CUDA, C++ on CPU; no host sync). The first call per image size / dtype compiles
         (seconds to a minute on a CPU, cached on disk); without a working compiler the same graphs
         run eagerly (slow, logged). float64 inputs use "subset" on CPU and "where" elsewhere.
@@ -193,32 +168,35 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator |
     """
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected [N, 3, H, W], got {tuple(x.shape)}")
-    N, _, H, _ = x.shape
     if params is None:
-        params = sample_photometric_params(N, spec, generator, device=x.device)
-    mode = resolve_mode(mode, x.device)
-    if mode == "fused" and x.dtype == torch.float64:  # the graphs compute in fp32
-        mode = "subset" if x.device.type == "cpu" else "where"
+        params = sample_photometric_params(x.shape[0], spec, generator, device=x.device)
+    mode = resolve_mode(mode, x.device, x.dtype)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     in_dtype = x.dtype
-    if mode == "fused":
-        from .fused_photometry import fused_photometric
-        # The graphs take float32 NCHW (one graph for every input dtype / layout: a conversion pass
-        # here, none for float32 NCHW; finish_views feeds uint8 crops straight in).
-        src = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
-        dst = src if (inplace or src is not x) else torch.empty_like(src)
-        out = fused_photometric(src, spec, params, dst)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        out = out.to(dtype=in_dtype, memory_format=fmt)
-        return (out, params) if return_params else out
     work = torch.float64 if in_dtype == torch.float64 else torch.float32
-    if mode == "subset":  # plain NCHW: the per-channel ops are ~2x faster on it than channels_last
-        y = x.to(dtype=work, memory_format=torch.contiguous_format)
-    else:
-        y = x.to(dtype=work)
+    # subset runs on plain NCHW (its per-channel ops are ~2x faster there), fused takes float32 NCHW
+    # (one graph for every input dtype and layout); where keeps the input's layout.
+    y = x.to(dtype=work, memory_format=torch.contiguous_format) if mode != "where" else x.to(dtype=work)
     if y is x and not inplace:
         y = x.clone()
+    y = apply(mode, y, spec, params, y)
+    out = y.to(dtype=in_dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return (out, params) if return_params else out
 
+
+def apply(mode: str, src: torch.Tensor, spec: AugmentSpec, params: dict[str, torch.Tensor],
+          out: torch.Tensor) -> torch.Tensor:
+    """The one dispatch of the colour recipe: write the photometry of ``src`` into ``out`` with the
+    kernels of ``mode`` (concrete: resolve_mode's) and return it. ``src``: float [N, 3, H, W] in [0, 1]
+    (subset and where work in place: ``out`` is ``src``), or for "fused" also the uint8 crops
+    [B, K, H, W, 3] that finish_views hands over (the graphs read them directly)."""
+    if mode == "fused":
+        from .fused import fused_photometric
+        return fused_photometric(src, spec, params, out)
+    if out is not src:
+        raise ValueError(f"mode {mode!r} works in place: out must be src")
+    y = src
+    N, _, H, _ = y.shape
     if mode == "subset":
         if spec.jitter is not None:
             for s in range(0, N, CPU_CHUNK):
@@ -233,7 +211,7 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator |
             for s in range(0, idx.numel(), CPU_CHUNK):
                 _apply_subset(y, idx[s:s + CPU_CHUNK],
                               lambda t, i: gaussian_blur(t, _take(params["sigma"], i), ks).clamp_(0.0, 1.0))
-    else:
+    elif mode == "where":
         if spec.jitter is not None:
             y = _jitter_where(y, params, spec.jitter.factors)
         if spec.grayscale_p > 0:
@@ -241,12 +219,13 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator |
         if spec.blur is not None:
             blurred = gaussian_blur(y, params["sigma"], spec.blur.kernel_size(H)).clamp_(0.0, 1.0)
             y = _apply_where(y, params["blur"], blurred)
+    else:
+        raise ValueError(f"mode must be subset, where or fused, got {mode!r}")
     if spec.normalize:
-        mean = torch.tensor(spec.mean, dtype=work, device=y.device).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, dtype=work, device=y.device).view(1, 3, 1, 1)
+        mean = torch.tensor(spec.mean, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
         y = y.sub_(mean).div_(std)
-    out = y.to(dtype=in_dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return (out, params) if return_params else out
+    return y
 
 
 class _HostBuffers(threading.local):
@@ -294,7 +273,7 @@ _host_buffers = _HostBuffers()
 
 def release_buffers() -> None:
     """Free this thread's cached finish_views buffers and fused-photometry scratch buffers."""
-    from .fused_photometry import clear_buffers
+    from .fused import clear_buffers
     _host_buffers.bufs.clear()
     clear_buffers()
 
@@ -310,7 +289,7 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: torch.Genera
     live on the target device. The host-to-device copy is non_blocking: pin ``crops`` for overlap.
     ``mode``: ``photometric``'s (data.photometry_mode); auto = fused on CUDA, subset on the CPU.
     "fused" reads the uint8 crops directly and writes the views in ``dtype``, channels_last: four
-    passes in all (see fused_photometry).
+    passes in all (see loaders.augment.fused).
 
     ``out``: optional ``[K*B, 3, S, S]`` tensor in ``dtype``, channels_last, on the target device,
     that receives the views (they are its slices): e.g. a shared-memory tensor allocated by a
@@ -324,7 +303,7 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: torch.Genera
         crops = crops.to(device, non_blocking=True)
     B, K, S1, S2, _ = crops.shape
     cpu = crops.device.type == "cpu"
-    mode = resolve_mode(mode, crops.device)
+    mode = resolve_mode(mode, crops.device)  # a loader passes its resolved mode: this changes nothing
     shape = (K * B, 3, S1, S2)
     cl = torch.channels_last
 
@@ -339,11 +318,9 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: torch.Genera
         return _host_buffers.get(role, shape, dt, fmt) if cpu else torch.empty(
             shape, dtype=dt, device=crops.device, memory_format=fmt)
 
-    if spec.has_photometry and mode == "fused":
-        from .fused_photometry import fused_photometric
+    if spec.has_photometry and mode == "fused":  # the graphs read the uint8 crops and write the views
         params = sample_photometric_params(K * B, spec, generator, device=crops.device)
-        out = fused_photometric(crops, spec, params, buffer("out", dtype, cl))
-        return list(out.split(B, dim=0))
+        return list(apply(mode, crops, spec, params, buffer("out", dtype, cl)).split(B, dim=0))
     # CPU: photometric runs on plain NCHW (faster there); one final pass makes it channels_last.
     # GPU: channels_last from the start; the uint8 -> float copy is the only layout pass.
     fmt = torch.contiguous_format if (cpu and spec.has_photometry) else cl
@@ -361,3 +338,14 @@ def finish_views(crops: torch.Tensor, spec: AugmentSpec, generator: torch.Genera
     if x is work or not (x.dtype == dtype and x.is_contiguous(memory_format=cl)):
         x = buffer("out", dtype, cl).copy_(x)  # the work buffer never leaves
     return list(x.split(B, dim=0))
+
+
+def warmup(spec: AugmentSpec, batch: int, dtype=torch.float32, device="cpu") -> None:
+    """Compile (or load from inductor's disk cache) the graphs ``finish_views(mode="fused")`` needs
+    for ``spec`` at this output dtype, so the cost is not paid by the first batch. On a CPU call it
+    in the main process with the thread count the workers will use (torch.set_num_threads(1)) before
+    DataLoader workers fork: forked workers inherit the compiled graphs."""
+    S = spec.size
+    crops = torch.zeros((batch, spec.num_views, S, S, 3), dtype=torch.uint8, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    finish_views(crops, spec, gen, dtype, mode="fused")

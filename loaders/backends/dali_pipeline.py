@@ -1,4 +1,4 @@
-"""The DALI graph of the DALI backend (loaders.dali_loader): an AugmentSpec as DALI operators.
+"""The DALI graph of the DALI backend (loaders.backends.dali_loader): an AugmentSpec as DALI operators.
 
     encoded bytes -> decode once (mixed | cpu)  [or, roi_decode: ROI decode per view]
       -> K x (random-resized-crop bicubic + flip)  [eval: centre crop, resize]
@@ -15,8 +15,8 @@ import numpy as np
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
-from . import augment
-from .spec import AugmentSpec
+from .. import augment
+from ..augment.spec import AugmentSpec
 
 INTERP = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
 # Largest ImageNet image sides: lets the A100/H100 hardware JPEG decoder preallocate once
