@@ -57,7 +57,7 @@ bench: install
 	$(BIN)/python benchmarks/throughput.py
 
 semisup: install
-	bash benchmarks/semisup.sh
+	bash experiments/semisup.sh
 
 gpu-carry: install
 	bash benchmarks/gpu/carry.sh gpu_carry

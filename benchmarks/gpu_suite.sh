@@ -30,7 +30,7 @@
 #   throughput_rest the other stages + hw_decoder_load sweep -> OUT_DIR/gpu-rest.json
 #                   (both throughput phases [+ $FASTCLR_SUITE_THROUGHPUT_ARGS])
 #   merge           merge_results.py: OUT_DIR/gpu.json (+ charts) from the two
-#   semisup         the GPU variant of `make semisup` (SEMISUP_DEVICE=cuda benchmarks/semisup.sh) on the
+#   semisup         the GPU variant of `make semisup` (SEMISUP_DEVICE=cuda experiments/semisup.sh) on the
 #                   Fashion-MNIST files in CARRY_DIR/fmnist -> OUT_DIR/semisup_gpu.{json,md} + step logs;
 #                   skipped (with the reason) without those files or with < 240 s of budget left.
 #                   FASTCLR_SUITE_SEMISUP=only runs it alone (its own device call), =0 never
@@ -195,7 +195,7 @@ write_summary() {
     echo "summary: $out"
 }
 
-# semisup_phase MODE WORK: the GPU variant of `make semisup` (benchmarks/semisup.sh, SEMISUP_DEVICE=cuda)
+# semisup_phase MODE WORK: the GPU variant of `make semisup` (experiments/semisup.sh, SEMISUP_DEVICE=cuda)
 # on the Fashion-MNIST files carried in CARRY_DIR/fmnist (or $FASTCLR_FMNIST, or Debian's package). Its
 # run directories (checkpoints) stay in WORK; OUT_DIR gets semisup_gpu.{json,md} and the steps' logs.
 semisup_phase() {
@@ -223,11 +223,11 @@ sys.exit(not os.path.isfile(os.path.join(source_dir(), "train-images-idx3-ubyte.
     fi
     # An earlier call's table must not pass for this one's (a warm machine keeps $work).
     (( DRY_RUN )) || rm -f "$work/semisup/results.json" "$work/semisup/results.md"
-    phase semisup 420 0 env "${envs[@]}" bash "$REPO/benchmarks/semisup.sh"
+    phase semisup 420 0 env "${envs[@]}" bash "$REPO/experiments/semisup.sh"
     if (( ! DRY_RUN )) && [[ -d "$work/semisup" ]]; then
         local f d
         if [[ ! -f "$work/semisup/results.json" ]]; then  # cut short: the table of the steps that finished
-            (cd "$REPO" && "$PY" -m benchmarks.semisup_report results "$work/semisup" 0 \
+            (cd "$REPO" && "$PY" -m experiments.semisup_report results "$work/semisup" 0 \
                 "${SEMISUP_TEACHER_DEPTH:-18}" "$work/semisup/pretrain" "" --device=cuda) \
                 > "$OUT_DIR/logs/semisup_partial.log" 2>&1 || true
         fi

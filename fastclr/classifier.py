@@ -207,9 +207,10 @@ def cross_entropy(forward, batch):
 
 
 
-def train_classifier(prog: str, cfg, run, model: Classifier, arch: dict[str, Any], classes: list[str],
-                     loss_fn, loader, vloader, make_optimizer, extra_log: dict[str, Any] | None = None) -> int:
-    """The loop of finetune.py, distill.py and linear_eval.py's slow path: the trainer, plus val top-1/top-5
+def train_classifier(prog: str, cfg, run, model: nn.Module, arch: dict[str, Any], classes: list[str],
+                     loss_fn, loader, vloader, make_optimizer, extra_log: dict[str, Any] | None = None,
+                     export_weights=None) -> int:
+    """The loop of finetune.py, distill.py and linear_eval.py: the trainer, plus val top-1/top-5
     every run.eval_every epochs and at the end (``vloader`` on rank 0, None elsewhere), best.pt when
     top-1 improves (the last weights when there is no val set), and checkpoints that carry ``arch``
     and ``classes`` so any of them reloads as a classifier."""
@@ -237,7 +238,7 @@ def train_classifier(prog: str, cfg, run, model: Classifier, arch: dict[str, Any
             if improved:
                 best.update(metrics, step=step, epoch=epochs_done)
                 ckpt.save(best_path, {**trainer.weights_state(), "val": metrics})
-            trainer.bar.write(f"{prog}: step {step} epoch {epochs_done}: val top-1 {metrics['top1']:.2f}% "
+            trainer.say(f"{prog}: step {step} epoch {epochs_done}: val top-1 {metrics['top1']:.2f}% "
                               f"top-5 {metrics['top5']:.2f}%{'  (best)' if improved else ''}")
             last.clear()
             last.update(metrics)
@@ -245,7 +246,7 @@ def train_classifier(prog: str, cfg, run, model: Classifier, arch: dict[str, Any
 
     task = Task(model=model, loss_fn=loss_fn, make_optimizer=make_optimizer, checkpoint_fields=fields,
                 load_fields=load_fields, on_epoch_end=on_epoch_end if run.val_path else None,
-                eval_every=cfg.run.eval_every)
+                eval_every=cfg.run.eval_every, export_weights=export_weights)
     trainer = Trainer(prog, cfg, run, task, loader)
     summary = trainer.fit()
     if dist.is_main() and not os.path.exists(best_path):

@@ -105,8 +105,7 @@ class PretrainConfig:
 @dataclass
 class SubsetConfig:
     list: str = option("", "official label subset: one file name per line (1percent.txt); '' = none")
-    # typing.Optional, not `X | None`: fastclr.config's parser recognizes typing.Union only
-    fraction: Optional[float] = option(  # noqa: UP045
+    fraction: Optional[float] = option(
         None, "seeded class-balanced label fraction, >= 1 per class; none = off", gt=0, le=1)
     seed: int = option(0, "seed of the fraction draw", ge=0)
 

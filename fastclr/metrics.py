@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastclr import runtime
+from loaders.base import Batch
+from loaders.sampling import shard_indices
 
 
 def topk(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -70,3 +72,36 @@ def extract(features: Callable[[torch.Tensor], torch.Tensor] | None, loader, dev
         ids.append(torch.as_tensor(np.asarray(loader.last_indices), device=feats[-1].device))
     order = torch.argsort(torch.cat(ids))
     return torch.cat(feats)[order], torch.cat(labels)[order]
+
+
+class FeatureLoader:
+    """Cached features served as a loader (the contract the trainer reads: ``len``, ``set_epoch``,
+    iteration yielding ``Batch([features], labels)``). An epoch visits ``shard_indices(N, 0, 1, epoch,
+    seed, shuffle=train)`` in batches of ``batch_size`` (the last partial one dropped in training):
+    the torch loader's order for the same seed, so a layer trained on cached features steps through
+    the images as the same layer trained on the network's outputs would."""
+
+    num_skipped = 0
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int = 0,
+                 train: bool = True):
+        self.feats, self.labels, self.batch_size, self.seed, self.train = feats, labels, batch_size, seed, train
+        self.epoch, self._start = 0, 0
+        self.last_indices: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        n = len(self.feats)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self._start = int(epoch), int(start_step)
+
+    def __iter__(self):
+        epoch, start = self.epoch, self._start
+        self.epoch, self._start = epoch + 1, 0
+        order = torch.as_tensor(shard_indices(len(self.feats), 0, 1, epoch, self.seed, self.train),
+                                device=self.feats.device)
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            self.last_indices = idx.cpu().numpy()
+            yield Batch([self.feats[idx]], self.labels[idx])

@@ -36,11 +36,7 @@ PROG = "pretrain.py"
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0].startswith("--") and not any(a.startswith("--data.path") for a in argv)
-                    and "-h" not in argv and "--help" not in argv):
-        argv = ["demo_cpu"] + argv  # no preset and no data: the embedded default
-    return runtime.run_entry(PROG, C.PretrainConfig, presets.PRETRAIN, __doc__, train, argv)
+    return runtime.run_entry(PROG, C.PretrainConfig, presets.PRETRAIN, __doc__, train, argv, demo_preset="demo_cpu")
 
 
 def queue_update(queue: MomentumQueue, device, dtype):
@@ -90,7 +86,10 @@ def train(cfg: C.PretrainConfig) -> int:
 
     # ------------------------------------------------------------------ k-NN report
     message = f"{summary['step']} steps, loss {summary['first_loss']} -> {summary['final_loss']}"
-    if cfg.run.knn_eval and run.val_path and cfg.data.backend != "ffcv":
+    if cfg.run.knn_eval and run.val_path and cfg.data.backend == "ffcv":
+        dist.print0(f"{PROG}: no k-NN check: it reads image folders, and data.backend=ffcv trained on a .beton "
+                    f"(run linear_eval.py on the image folders, or pass --run.knn_eval=false)")
+    elif cfg.run.knn_eval and run.val_path:
         summary.update(knn_report(trainer.model.backbone, init_state, run.train_path, run.val_path, cfg,
                                   run.device, run.dtype))
         if "knn_top1" in summary:

@@ -34,14 +34,20 @@ def fail(prog: str, msg: str, code: int = 2):
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def run_entry(prog: str, cls, presets, description: str, fn, argv=None) -> int:
+def run_entry(prog: str, cls, presets, description: str, fn, argv=None, demo_preset: str | None = None) -> int:
     """An entry point's main(): parse ``[PRESET] --section.key=value`` into ``cls``, run ``fn(cfg)``.
-    What a user can cause or fix becomes one line on stderr (no traceback): bad options, data or
-    checkpoints (exit 2), a full disk or non-finite weights (exit 1). The process group is always
-    torn down."""
+    ``demo_preset``: the preset a command line with neither a preset nor ``--data.path`` runs (said in
+    one line: the embedded demo). What a user can cause or fix becomes one line on stderr (no
+    traceback): bad options, data or checkpoints (exit 2), a full disk or non-finite weights (exit 1).
+    The process group is always torn down."""
     from fastclr import config as C
     from loaders.errors import DataError
     argv = sys.argv[1:] if argv is None else list(argv)
+    no_preset = not argv or argv[0].startswith("-")
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if demo_preset and no_preset and not asks_help and not any(a.startswith("--data.path") for a in argv):
+        dist.print0(f"{prog}: no preset and no --data.path: the embedded demo (preset {demo_preset})")
+        argv = [demo_preset, *argv]
     cfg = C.parse(cls, argv, presets, prog=prog, description=description)
     # fastclr's own warnings (a skipped checkpoint, ...) read as one line, not as source locations
     plain = warnings.formatwarning
@@ -104,12 +110,12 @@ def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
     return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache)
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    """Per-rank seeds: model init uses the same seed on every rank (DDP also broadcasts it)."""
+def seed_everything(seed: int) -> None:
+    """torch's global generators: the same seed on every rank, so model init is identical (DDP also
+    broadcasts it). The data streams derive from (seed, epoch, rank, ...) in loaders.sampling."""
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-    del rank  # data seeds derive from (seed, epoch, rank) inside the loaders
 
 
 def set_deterministic(on: bool) -> None:
@@ -354,7 +360,7 @@ def start_run(cfg, min_batch: int = 1) -> Run:
         # The old run's records would mix with ours: its log and its TensorBoard event files go.
         for old in (Path(r.out_dir, LOG_NAME), *Path(r.out_dir).glob("events.out.tfevents.*")):
             old.unlink(missing_ok=True)
-    seed_everything(cfg.run.seed, rank)
+    seed_everything(cfg.run.seed)
     set_deterministic(cfg.run.deterministic)
     if dist.is_main():
         C.save_json(cfg, os.path.join(cfg.run.out_dir, "config.json"))

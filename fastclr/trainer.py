@@ -57,6 +57,9 @@ class Task:
     load_fields: Callable[[str, dict], None] | None = None  # (path, resumed state): restore / check them
     on_epoch_end: Callable[[int, int], None] | None = None  # (epochs done, step): e.g. val evaluation
     eval_every: int = 0                  # epochs between on_epoch_end calls; 0 = only at the end
+    # model state_dict -> what best.pt-style files hold as "model" (checkpoints keep the trained state):
+    # e.g. the linear layer trained on cached features, saved as the whole classifier it belongs to
+    export_weights: Callable[[dict], dict] | None = None
 
 
 class TrainStep:
@@ -181,7 +184,7 @@ def graphs_unsupported(cfg, run: runtime.Run, task: Task) -> str | None:
     return None
 
 
-def wrap_model(model: nn.Module, cfg, run: runtime.Run) -> tuple[nn.Module, nn.Module]:
+def wrap_model(model: nn.Module, cfg, run: runtime.Run, compiled: bool) -> tuple[nn.Module, nn.Module]:
     """(model on the device: channels_last, global BN; the forward to call: DDP and/or torch.compile)."""
     model = model.to(run.device)
     if cfg.model.channels_last:
@@ -193,7 +196,7 @@ def wrap_model(model: nn.Module, cfg, run: runtime.Run) -> tuple[nn.Module, nn.M
         forward = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
             broadcast_buffers=False)
-    if resolve_compile(cfg, run):
+    if compiled:
         forward = torch.compile(forward)
     return model, forward
 
@@ -214,10 +217,10 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.run.max_steps)
         self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
         self.peak_lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, o.global_batch_size, o.lr_scaling)
-        self.model, forward = wrap_model(task.model, cfg, run)
+        self.compiled = resolve_compile(cfg, run)
+        self.model, forward = wrap_model(task.model, cfg, run, self.compiled)
         for m in task.state.values():
             m.to(run.device)
-        self.compiled = resolve_compile(cfg, run)
         why_not = graphs_unsupported(cfg, run, task)
         self.graphs = cfg.run.cuda_graphs is not False and why_not is None
         asked = cfg.run.cuda_graphs or (cfg.run.cuda_graphs is None and run.device.type == "cuda")
@@ -236,6 +239,7 @@ class Trainer:
         self.ckpts = run.ckpts
         self.step = 0
         self.log = runtime.RunLog(run.out_dir, tensorboard=cfg.run.tensorboard)
+        self.bar = None  # the progress bar, while fit() runs
 
     def lr(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based: the step about to be taken)."""
@@ -278,7 +282,10 @@ class Trainer:
     def weights_state(self) -> dict[str, Any]:
         """The model and the task's fields: what best.pt-style files hold."""
         fields = self.task.checkpoint_fields() if self.task.checkpoint_fields else {}
-        return {"model": self.model.state_dict(), **fields, "step": self.step,
+        weights = self.model.state_dict()
+        if self.task.export_weights is not None:
+            weights = self.task.export_weights(weights)
+        return {"model": weights, **fields, "step": self.step,
                 "epoch": self.step // self.steps_per_epoch, "config": C.to_dict(self.cfg)}
 
     def save_checkpoint(self) -> None:
@@ -290,7 +297,54 @@ class Trainer:
                                             "rng": ckpt.rng_state()}, tensors)
         dist.barrier()
 
+    def say(self, message: str) -> None:
+        """A line for the user (rank 0), above the progress bar while one is shown."""
+        if not dist.is_main():
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
     # -- the loop --------------------------------------------------------------------------------
+    def _log(self, meter, epoch: int, lr: float) -> float:
+        """Every log_every steps (and the last): one host sync, a log.jsonl record, the bar's numbers.
+        Returns the mean loss since the last record."""
+        o = self.cfg.optim
+        w = meter.read(self.prog, self.ckpts.last, lambda s: self.lr(s - 1))
+        ips = w.steps * o.global_batch_size / w.seconds
+        self.log.write(step=self.step, epoch=epoch, loss=round(w.loss, 5),
+                       **{k: round(v, 4) for k, v in w.metrics.items()}, lr=lr,
+                       images_per_s=round(ips, 1), data_wait=round(w.data_wait, 4),
+                       gpu_mem_gb=runtime.gpu_memory_gb(self.run.device))
+        shown = {k: f"{v:.2f}" for k, v in list(w.metrics.items())[:1]}
+        self.bar.set_postfix(loss=f"{w.loss:.3f}", **shown, lr=f"{lr:.3g}", img_s=f"{ips:.0f}",
+                             wait=f"{w.data_wait:.0%}")
+        return w.loss
+
+    def _after_step(self) -> bool:
+        """The evaluation and checkpoint policy after a step: at the ends of every eval_every-th epoch
+        the task's on_epoch_end (after a finite check) and a checkpoint; else a checkpoint every
+        ckpt_every steps and at the end. Returns whether the task evaluated."""
+        epochs_done, at_epoch_end = divmod(self.step, self.steps_per_epoch)
+        t = self.task
+        if t.on_epoch_end is not None and at_epoch_end == 0 and t.eval_every > 0 and epochs_done % t.eval_every == 0:
+            self.check_finite()
+            t.on_epoch_end(epochs_done, self.step)
+            self.save_checkpoint()
+            return True
+        if self.step % self.cfg.run.ckpt_every == 0 or self.step == self.total_steps:
+            self.save_checkpoint()
+        return False
+
+    def _first_step_done(self, t_step: float) -> None:
+        """The first step pays for torch.compile (inductor's disk cache makes later runs cheaper): one
+        sync, once, so the log says what compiling cost."""
+        if self.run.device.type == "cuda":
+            torch.cuda.synchronize(self.run.device)
+        self.log.write(event="first_step", step=self.step, compiled=self.compiled, cuda_graph=self.graphs,
+                       seconds=round(time.perf_counter() - t_step, 2))
+
     def fit(self) -> dict[str, Any]:
         cfg, o, run = self.cfg, self.cfg.optim, self.cfg.run
         self._resume()
@@ -300,13 +354,12 @@ class Trainer:
                     f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {o.optimizer} peak lr "
                     f"{self.peak_lr:.4g}, wd {o.weight_decay}, "
                     f"data: {cfg.data.backend} {self.run.train_path}")
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.prog.replace(".py", ""), unit="step",
-                   disable=not (dist.is_main() and run.progress), dynamic_ncols=True, mininterval=1.0)
-        self.bar = bar
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.prog.replace(".py", ""), unit="step",
+                        disable=not (dist.is_main() and run.progress), dynamic_ncols=True, mininterval=1.0)
         meter = runtime.StepMeter(self.run.device)  # sums on the device: read (a host sync) every log_every
         first_loss = final_loss = None
         evaluated_at = -1
-        first_step = True
+        timed_first = self.compiled or self.graphs
         self.model.train()
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
@@ -317,41 +370,21 @@ class Trainer:
                     break
                 lr = self.lr(self.step)
                 runtime.set_lr(self.optimizer, lr)
-                t_step = time.perf_counter() if first_step else 0.0
+                t_step = time.perf_counter() if timed_first else 0.0
                 loss, metrics = self.step_fn(lambda it=it: meter.next_batch(it))
                 self.step += 1
-                if first_step and (self.compiled or self.graphs):
-                    # The first step pays for torch.compile (inductor's disk cache makes later runs
-                    # cheaper): one sync, once, so the log says what compiling cost.
-                    if self.run.device.type == "cuda":
-                        torch.cuda.synchronize(self.run.device)
-                    self.log.write(event="first_step", step=self.step, compiled=self.compiled,
-                                   cuda_graph=self.graphs, seconds=round(time.perf_counter() - t_step, 2))
-                first_step = False
+                if timed_first:
+                    self._first_step_done(t_step)
+                    timed_first = False
                 meter.add(self.step, loss, **metrics)
-                bar.update(1)
+                self.bar.update(1)
                 if self.step % run.log_every == 0 or self.step == self.total_steps:
-                    w = meter.read(self.prog, self.ckpts.last, lambda s: self.lr(s - 1))
-                    first_loss = w.loss if first_loss is None else first_loss
-                    final_loss = w.loss
-                    ips = w.steps * o.global_batch_size / w.seconds
-                    self.log.write(step=self.step, epoch=epoch, loss=round(w.loss, 5),
-                                   **{k: round(v, 4) for k, v in w.metrics.items()}, lr=lr,
-                                   images_per_s=round(ips, 1), data_wait=round(w.data_wait, 4),
-                                   gpu_mem_gb=runtime.gpu_memory_gb(self.run.device))
-                    shown = {k: f"{v:.2f}" for k, v in list(w.metrics.items())[:1]}
-                    bar.set_postfix(loss=f"{w.loss:.3f}", **shown, lr=f"{lr:.3g}", img_s=f"{ips:.0f}",
-                                    wait=f"{w.data_wait:.0%}")
-                epochs_done, at_epoch_end = divmod(self.step, self.steps_per_epoch)
-                if (self.task.on_epoch_end is not None and at_epoch_end == 0 and self.task.eval_every > 0
-                        and epochs_done % self.task.eval_every == 0):
-                    self.check_finite()
-                    self.task.on_epoch_end(epochs_done, self.step)
+                    final_loss = self._log(meter, epoch, lr)
+                    first_loss = final_loss if first_loss is None else first_loss
+                if self._after_step():
                     evaluated_at = self.step
-                    self.save_checkpoint()
-                elif self.step % run.ckpt_every == 0 or self.step == self.total_steps:
-                    self.save_checkpoint()
-        bar.close()
+        self.bar.close()
+        self.bar = None
         if self.task.on_epoch_end is not None and evaluated_at != self.step:
             self.check_finite()
             self.task.on_epoch_end(math.ceil(self.step / self.steps_per_epoch), self.step)

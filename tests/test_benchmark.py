@@ -230,7 +230,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "--stages photometry,step,e2e" in out and "merge_results.py" in out
     assert all({"status", "rc", "seconds"} <= set(p) for p in summary["phases"])
     # the GPU variant of make semisup comes last (it is the phase a short lease drops)
-    assert names[-1] == "semisup" and "SEMISUP_DEVICE=cuda" in out and "benchmarks/semisup.sh" in out
+    assert names[-1] == "semisup" and "SEMISUP_DEVICE=cuda" in out and "experiments/semisup.sh" in out
 
 
 def test_gpu_suite_semisup_alone_and_its_data(tmp_path):
@@ -315,7 +315,7 @@ def test_ffcv_deps_are_read_from_setup_py(tmp_path):
 
 
 @pytest.mark.parametrize("script", [SUITE, CARRY, INSTALL, ROOT / "benchmarks" / "gpu" / "_lib.sh",
-                                    ROOT / "benchmarks" / "semisup.sh"],
+                                    ROOT / "experiments" / "semisup.sh"],
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:
@@ -359,7 +359,7 @@ def test_merge_results_keeps_measured_stages(quick_result, tmp_path):
 
 
 def test_semisup_report_results(tmp_path):
-    """semisup.sh's bookkeeping (benchmarks/semisup_report.py): the results table and JSON from the step
+    """semisup.sh's bookkeeping (experiments/semisup_report.py): the results table and JSON from the step
     runs' last log records, a missing or unfinished step shown as '-', seconds summed per step."""
     out = tmp_path / "runs"
     for name, rec in (("pretrain", {"event": "done", "step": 10, "final_loss": 1.5}),
@@ -370,7 +370,7 @@ def test_semisup_report_results(tmp_path):
                                                for s, t in (("pretrain", 120), ("finetune_1pct", 30),
                                                             ("pretrain", 60))))
     save = tmp_path / "saved" / "semisup_demo"
-    proc = _run([sys.executable, "-m", "benchmarks.semisup_report", "results", str(out), "1", "18",
+    proc = _run([sys.executable, "-m", "experiments.semisup_report", "results", str(out), "1", "18",
                  str(out / "pretrain"), str(save)], timeout=120)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((out / "results.json").read_text())
@@ -415,7 +415,7 @@ def test_semisup_gpu_variant_wiring(tmp_path):
            "PY": str(fake), "REAL_PY": sys.executable, "FAKE_LOG": str(log), "FAKE_DEMO": str(tmp_path / "demo"),
            "SEMISUP_DEVICE": "cuda", "SEMISUP_OUT": str(tmp_path / "runs"), "SEMISUP_WORKERS": "5",
            "SEMISUP_SAVE": str(tmp_path / "saved" / "semisup_gpu")}
-    proc = _run(["bash", str(ROOT / "benchmarks" / "semisup.sh")], timeout=120, env=env)
+    proc = _run(["bash", str(ROOT / "experiments" / "semisup.sh")], timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = {[x for x in a if x.startswith("--run.out_dir=")][-1].rsplit("/", 1)[1]: a
              for a in map(json.loads, log.read_text().splitlines())}
@@ -450,7 +450,7 @@ def test_semisup_targets_are_judged_from_the_results():
     float addition would miss it); "fine-tune or linear" takes the better of the two; a student is held
     against its teacher's best top-1 (distill.py loads best.pt); a missing step leaves the target
     unjudged, and a smoke run is not judged at all."""
-    from benchmarks.semisup_report import judge
+    from experiments.semisup_report import judge
     top = {"raw_pixels_1pct": 77.3, "raw_pixels_10pct": 81.3, "scratch_1pct": 68.0, "scratch_10pct": 80.0,
            "linear_1pct": 79.0, "linear_10pct": 84.4, "finetune_1pct": 80.3, "finetune_10pct": 84.0,
            "distill_1pct": 80.3, "self_distill_1pct": 80.5, "distill_10pct": 84.1, "self_distill_10pct": 83.9}

@@ -33,7 +33,7 @@ def test_fast_path_equals_slow_path_without_augmentation(tmp_path, image_folder,
               "--data.augment=eval", "--optim.epochs=3", "--optim.base_lr=20", "--run.eval_every=1", *TINY]
     assert le.main(common + ["--fast=true", f"--run.out_dir={tmp_path / 'fast'}"]) == 0
     assert le.main(common + ["--fast=false", f"--run.out_dir={tmp_path / 'slow'}"]) == 0
-    fast = ck.load(tmp_path / "fast" / "last.pt")["model"]
+    fast = ck.load(ck.list_checkpoints(tmp_path / "fast")[-1][1])["model"]
     slow = ck.load(ck.list_checkpoints(tmp_path / "slow")[-1][1])["model"]
     assert fast["fc.weight"].abs().max() > 1e-2
     for k in ("fc.weight", "fc.bias"):
@@ -43,6 +43,12 @@ def test_fast_path_equals_slow_path_without_augmentation(tmp_path, image_folder,
     for k, v in slow.items():
         if k.startswith("backbone."):
             assert torch.equal(v, pre_state[k]), k
+    # both best.pt files are the whole probe, loadable as a classifier, with the same layer
+    from fastclr.classifier import load_classifier
+    bests = [load_classifier(str(tmp_path / p / "best.pt"))[1].state_dict() for p in ("fast", "slow")]
+    assert bests[0].keys() == bests[1].keys()
+    for k in bests[0]:
+        torch.testing.assert_close(bests[0][k], bests[1][k], rtol=0, atol=1e-5, msg=k)
     # the same evals, and the fast path says that it used cached features
     f_recs, s_recs = records(tmp_path / "fast"), records(tmp_path / "slow")
     assert f_recs[0]["event"] == "features" and "cached" in f_recs[0]["note"]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -89,6 +90,24 @@ class _PathTable:
         return os.fsdecode(self.buf[self.off[i]:self.off[i + 1]].tobytes())
 
 
+@dataclass
+class WorkerBatch:
+    """What a worker hands the main process for one batch: the labels, the dataset indices of the
+    batch (``index``) and of the images actually in it (``used``, after bad-file replacement), the
+    files that failed, and one of: ``crops`` (uint8 [B, K, S, S, 3], colour ops still to run),
+    ``views`` (finished, the colour ops ran in the worker) or ``data`` + ``boxes`` + ``flips`` (encoded
+    bytes for the main process's GPU decode)."""
+    labels: torch.Tensor
+    index: torch.Tensor
+    used: torch.Tensor
+    failed: List[Tuple[str, str]]
+    crops: Optional[torch.Tensor] = None
+    views: Optional[List[torch.Tensor]] = None
+    data: Optional[List[torch.Tensor]] = None
+    boxes: Optional[torch.Tensor] = None
+    flips: Optional[torch.Tensor] = None
+
+
 class _BatchDataset(torch.utils.data.Dataset):
     """Item ``(epoch, batch_no)`` -> one whole batch (the sampler yields batch keys, so a worker
     builds the batch array in place and returns it without a collate copy)."""
@@ -102,14 +121,10 @@ class _BatchDataset(torch.utils.data.Dataset):
         self.labels = np.asarray([label for _, label in samples], np.int64)
         self.spec, self.seed, self.rank, self.world_size = spec, seed, rank, world_size
         self.batch_size, self.shuffle, self.bytes_only = batch_size, shuffle, bytes_only
-        self._shard_epoch, self._shard = None, None
         self._known_bad: Dict[int, str] = {}   # per worker: index -> reason (skip re-decoding)
 
     def shard(self, epoch: int) -> np.ndarray:
-        if self._shard_epoch != epoch:
-            self._shard = shard_indices(len(self.paths), self.rank, self.world_size, epoch, self.seed, self.shuffle)
-            self._shard_epoch = epoch
-        return self._shard
+        return shard_indices(len(self.paths), self.rank, self.world_size, epoch, self.seed, self.shuffle)
 
     def rng(self, epoch: int, pos: int) -> np.random.Generator:
         return geometry_rng(self.seed, epoch, self.rank, pos)
@@ -169,19 +184,19 @@ class _BatchDataset(torch.utils.data.Dataset):
                 data.append(torch.from_numpy(payload if payload.flags.writeable else payload.copy()))
             else:
                 crops[i] = augment.geometry(item, spec, rng)
-        out = {"labels": torch.from_numpy(self.labels[used]), "index": torch.from_numpy(index),
-               "used": torch.from_numpy(used), "failed": failed}
+        out = WorkerBatch(labels=torch.from_numpy(self.labels[used]), index=torch.from_numpy(index),
+                          used=torch.from_numpy(used), failed=failed)
         if self.bytes_only:
-            out.update(data=data, boxes=torch.from_numpy(boxes), flips=torch.from_numpy(flips))
+            out.data, out.boxes, out.flips = data, torch.from_numpy(boxes), torch.from_numpy(flips)
         elif self.photometry_dtype is not None:
             # In a worker the views go straight into shared memory: the batch then crosses to the main
             # process without the copy the DataLoader's pickler would make.
             shared = _shared_views(n * K, S, self.photometry_dtype) if _in_worker() else None
-            out["views"] = augment.finish_views(torch.from_numpy(crops), spec, colour_generator(
+            out.views = augment.finish_views(torch.from_numpy(crops), spec, colour_generator(
                 self.seed, epoch, self.rank, b, "cpu"), self.photometry_dtype, mode=self.photometry_mode,
                 out=shared)
         else:
-            out["crops"] = torch.from_numpy(crops)
+            out.crops = torch.from_numpy(crops)
         return out
 
 
@@ -295,14 +310,12 @@ class TorchLoader(BaseLoader):
         prev = None
         for item in it:
             with torch.cuda.stream(stream):
-                moved = [item[k].to(dev, non_blocking=True) for k in ("crops", "labels") if k in item]
-                if "views" in item:  # photometry_device=cpu: finished views
-                    item["views"] = [v.to(dev, non_blocking=True) for v in item["views"]]
-                    moved += item["views"]
-                if "crops" in item:
-                    item["crops"], item["labels"] = moved[0], moved[1]
-                else:
-                    item["labels"] = moved[0]
+                item.labels = item.labels.to(dev, non_blocking=True)
+                if item.crops is not None:
+                    item.crops = item.crops.to(dev, non_blocking=True)
+                if item.views is not None:  # photometry_device=cpu: finished views
+                    item.views = [v.to(dev, non_blocking=True) for v in item.views]
+                moved = [t for t in (item.labels, item.crops, *(item.views or ())) if t is not None]
             if prev is not None:
                 yield prev
             torch.cuda.current_stream(dev).wait_stream(stream)
@@ -318,18 +331,18 @@ class TorchLoader(BaseLoader):
         # colours depend on (seed, epoch, rank, b) only.
         self._sampler.epoch, self._sampler.start = epoch, start
         for b, item in enumerate(self._prefetched(iter(self._dataloader())), start=start):
-            self.record_failures(item["failed"])
-            self.last_indices = item["index"].numpy()
-            used = item["used"]
-            labels = item["labels"]
-            if "views" in item:  # colour ops done in the worker
-                views = item["views"]
+            self.record_failures(item.failed)
+            self.last_indices = item.index.numpy()
+            used = item.used
+            labels = item.labels
+            if item.views is not None:  # colour ops done in the worker
+                views = item.views
             else:
                 if self.main_decode_device is not None:
                     crops, src = self._decode_and_crop(item)
                     labels, used = labels[src], used[src]
                 else:
-                    crops = item["crops"]
+                    crops = item.crops
                 gen = colour_generator(self.cfg.seed, epoch, self.rank, b, self.photometry_device)
                 views = augment.finish_views(crops, self.spec, gen, self.dtype, device=self.photometry_device,
                                              mode=self.photometry_mode)
@@ -347,7 +360,7 @@ class TorchLoader(BaseLoader):
         check let it through) is counted as bad and its row repeats the next decodable image."""
         from torchvision.io import ImageReadMode, decode_jpeg
         dev = self.main_decode_device
-        data, boxes, flips = item["data"], item["boxes"], item["flips"]
+        data, boxes, flips = item.data, item.boxes, item.flips
         is_bytes = [d.ndim == 1 for d in data]
         jpegs = [d for d, b in zip(data, is_bytes) if b]
         decoded: List[Optional[torch.Tensor]] = [None] * len(data)
@@ -373,7 +386,7 @@ class TorchLoader(BaseLoader):
                 try:
                     decoded[i] = torch.from_numpy(decode_rgb(data[i].numpy().tobytes())).to(dev).permute(2, 0, 1)
                 except Exception as e:
-                    self.record_failures([(self.samples[int(item["used"][i])][0], _reason(e))])
+                    self.record_failures([(self.samples[int(item.used[i])][0], _reason(e))])
         good = [i for i, d in enumerate(decoded) if d is not None]
         if not good:
             raise RuntimeError("no decodable image in the batch")

@@ -1,9 +1,9 @@
-"""The Python half of benchmarks/semisup.sh (the shell script runs the training steps, this module the
+"""The Python half of experiments/semisup.sh (the shell script runs the training steps, this module the
 bookkeeping around them). Run from the repo root:
 
-    python -m benchmarks.semisup_report val-subset SRC DST
+    python -m experiments.semisup_report val-subset SRC DST
         a class-balanced 10 % of the ImageFolder SRC as symlinks in DST (the smoke run's val set)
-    python -m benchmarks.semisup_report results OUT QUICK DEPTH PRETRAIN SAVE
+    python -m experiments.semisup_report results OUT QUICK DEPTH PRETRAIN SAVE
         OUT/results.{json,md} from the step runs under OUT (and SAVE.{json,md} when SAVE is not empty)
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ def results(out: str, quick: bool, depth: int, pre: str, save: str, device: str 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.semisup_report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.semisup_report", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("val-subset", help="a class-balanced 10 %% of SRC as symlinks in DST")
     v.add_argument("src")

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # make semisup: the SimCLRv2 semi-supervised chain on the Fashion-MNIST demo set (60k train / 10k test),
 # at 1 % and 10 % of the labels, with the baselines, on CPU (or, SEMISUP_DEVICE=cuda, at GPU scale).
-# Writes $OUT/results.json and results.md (and, for a full run, benchmarks/results/semisup_demo.{json,md},
+# Writes $OUT/results.json and results.md (and, for a full run, experiments/results/semisup_demo.{json,md},
 # or semisup_gpu.{json,md} on a GPU). See docs/semisup.md.
 #
-#   bash benchmarks/semisup.sh                     # the full chain, about an hour on 2 cores
-#   SEMISUP_QUICK=1 bash benchmarks/semisup.sh     # smoke run: every step for a few steps, minutes
-#   SEMISUP_DEVICE=cuda bash benchmarks/semisup.sh # the GPU variant (gpu_suite.sh's semisup phase)
+#   bash experiments/semisup.sh                     # the full chain, about an hour on 2 cores
+#   SEMISUP_QUICK=1 bash experiments/semisup.sh     # smoke run: every step for a few steps, minutes
+#   SEMISUP_DEVICE=cuda bash experiments/semisup.sh # the GPU variant (gpu_suite.sh's semisup phase)
 #
 # Environment:
 #   SEMISUP_OUT=runs/semisup      run directories (one per step); a finished step is skipped on rerun,
@@ -25,7 +25,7 @@
 #   SEMISUP_DEVICE=cpu|cuda       cuda: the same chain and presets at GPU scale (bf16, eager, DataLoader
 #                                 workers), longer schedules below; out dir runs/semisup_gpu
 #   SEMISUP_SAVE                  where a full run's results are also written (SAVE.json, SAVE.md; default
-#                                 benchmarks/results/semisup_demo, on cuda semisup_gpu; empty: nowhere)
+#                                 experiments/results/semisup_demo, on cuda semisup_gpu; empty: nowhere)
 #   SEMISUP_WORKERS               DataLoader workers per step (cpu: the presets' 2; cuda: cores - 2, <= 12)
 #   PY=.venv/bin/python           interpreter (falls back to python3)
 # The Fashion-MNIST files come from Debian's package, or from $FASTCLR_FMNIST (loaders/demo_data.py).
@@ -86,7 +86,7 @@ if [ "$QUICK" = 1 ]; then
   # smoke run: score on a class-balanced 1000-image subset of the test set (symlinks)
   VAL="$OUT/val_1000"
   if [ ! -d "$VAL" ]; then
-    "$PY" -m benchmarks.semisup_report val-subset "$DEMO/val" "$VAL"
+    "$PY" -m experiments.semisup_report val-subset "$DEMO/val" "$VAL"
   fi
 fi
 DATA=(--data.path="$DEMO/train" --run.val_path="$VAL")
@@ -149,8 +149,8 @@ done
 # ---------------------------------------------------------------------------------------------- 3. results
 SAVE=""
 if [ "$QUICK" != 1 ]; then
-  SAVE="benchmarks/results/semisup_demo"
-  if [ "$DEVICE" = cuda ]; then SAVE="benchmarks/results/semisup_gpu"; fi
+  SAVE="experiments/results/semisup_demo"
+  if [ "$DEVICE" = cuda ]; then SAVE="experiments/results/semisup_gpu"; fi
 fi
 SAVE=${SEMISUP_SAVE-$SAVE}
-"$PY" -m benchmarks.semisup_report results "$OUT" "$QUICK" "$DEPTH" "$PRE" "$SAVE" --device="$DEVICE"
+"$PY" -m experiments.semisup_report results "$OUT" "$QUICK" "$DEPTH" "$PRE" "$SAVE" --device="$DEVICE"
