@@ -77,10 +77,10 @@ def full_arch(arch: dict[str, Any]) -> dict[str, Any]:
     return {**_ARCH_DEFAULTS, **arch}
 
 
-def arch_of(model_cfg: C.ModelConfig) -> dict[str, Any]:
-    """The architecture fields of a ModelConfig (a preset name resolved) plus ft_proj_selector."""
+def arch_of(model_cfg: C.ModelConfig, ft_proj_selector: int) -> dict[str, Any]:
+    """The architecture fields of a ModelConfig (a preset name resolved) and where the classifier sits."""
     kw = model_kwargs(model_cfg)
-    return {**{k: kw[k] for k in ARCH_KEYS}, "ft_proj_selector": model_cfg.ft_proj_selector}
+    return {**{k: kw[k] for k in ARCH_KEYS}, "ft_proj_selector": ft_proj_selector}
 
 
 def build_classifier(arch: dict[str, Any], num_classes: int,
@@ -193,7 +193,7 @@ def load_probe(ckpt_path: str, ft_proj_selector: int, num_classes: int, raw_pixe
         if "model" not in state or "config" not in state:
             raise UserError(f"{file} is not a pretrain.py checkpoint")
         pre = C.from_dict(C.ModelConfig, state["config"]["model"], strict=False)
-        arch = {**arch_of(pre), "ft_proj_selector": ft_proj_selector}
+        arch = arch_of(pre, ft_proj_selector)
         net = build_classifier(arch, num_classes, state["model"], zero_init=True)
     arch["num_classes"] = num_classes
     return LinearProbe(net.backbone, net.neck, net.fc), arch, file

@@ -16,22 +16,52 @@ from loaders.options import (ConfigError, HelpRequested, apply_preset, from_dict
 
 
 # ----------------------------------------------------------------------------- sections
+LARS = ("optim.optimizer", ("lars",))
+# In distill.py the labelled subset only serves the cross-entropy term (finetune.py has no distill section).
+ALPHA = ("distill.alpha", lambda v: v > 0, " > 0")
+def _architecture_applies(cfg) -> Optional[str]:
+    """Whether the model.* architecture options build the network of this command: not where a
+    checkpoint brings the architecture (finetune/linear_eval --ckpt, distill --student_ckpt or
+    distill.student=teacher) or where there is no network (linear_eval --raw_pixels=true)."""
+    if getattr(cfg, "raw_pixels", False):
+        return "does nothing with --raw_pixels=true (no network)"
+    ckpt = getattr(cfg, "ckpt", None)
+    if ckpt and ckpt.lower() != "none":
+        return "does nothing with --ckpt: the architecture is the checkpoint's"
+    if getattr(cfg, "student_ckpt", ""):
+        return "does nothing with --student_ckpt: the student's architecture is that checkpoint's"
+    d = getattr(cfg, "distill", None)
+    if d is not None and d.student == "teacher":
+        return "does nothing with distill.student=teacher: the student is the teacher's architecture"
+    return None
+
+
+ARCH = _architecture_applies
+
+
 @dataclass
 class ModelConfig:
-    name: str = option("", "model preset (r50_1x_sk0, r152_3x_sk1, ...): sets depth/width/sk_ratio; empty = use them")
-    depth: int = option(50, "ResNet depth", (18, 34, 50, 101, 152, 200))
-    width: int = option(1, "width multiplier (4: SimCLRv1's ResNet-50 4x)", (1, 2, 3, 4))
-    sk_ratio: float = option(0.0, "selective kernels: 0 (off) or 0.0625 (SimCLRv2 SK)", ge=0, lt=1)
-    cifar_stem: bool = option(False, "3x3 stride-1 stem without max-pool, for 32px images")
+    name: str = option("", "model preset (r50_1x_sk0, r152_3x_sk1, ...): sets depth/width/sk_ratio; empty = use "
+                       "them", applies=ARCH)
+    depth: int = option(50, "ResNet depth", (18, 34, 50, 101, 152, 200), applies=ARCH)
+    width: int = option(1, "width multiplier (4: SimCLRv1's ResNet-50 4x)", (1, 2, 3, 4), applies=ARCH)
+    sk_ratio: float = option(0.0, "selective kernels: 0 (off) or 0.0625 (SimCLRv2 SK)", ge=0, lt=1, applies=ARCH)
+    cifar_stem: bool = option(False, "3x3 stride-1 stem without max-pool, for 32px images", applies=ARCH)
     tf_maxpool: bool = option(False, "pad the stem's max-pool as TF 'SAME' does (0 before, 1 after on even sizes) "
-                              "instead of torchvision's (1, 1): set by fastclr.zoo for converted TF models")
-    num_proj_layers: int = option(3, "projection head layers (SimCLRv2: 3; 0: none, z = h)", ge=0)
-    proj_out_dim: int = option(128, "projection output dimension", ge=1)
-    ft_proj_selector: int = option(1, "fine-tune from the output of head layer k (0 = backbone, -1 = last)", ge=-1)
+                              "instead of torchvision's (1, 1): set by fastclr.zoo for converted TF models",
+                              applies=ARCH)
+    num_proj_layers: int = option(3, "projection head layers (SimCLRv2: 3; 0: none, z = h)", ge=0, applies=ARCH)
+    proj_out_dim: int = option(128, "projection output dimension", ge=1, applies=ARCH)
     channels_last: bool = option(True, "run the model in channels_last memory format")
     sync_bn: bool = option(True, "global BatchNorm across ranks (SyncBatchNorm) when distributed")
     compile: Optional[bool] = option(None, "torch.compile the model (and LARS's step): none = auto (on a GPU yes, on "
                                      "the CPU no: compiling costs more there than it saves), true or false")
+
+
+@dataclass
+class ClassifierModelConfig(ModelConfig):
+    """The model section of fine-tuning, distillation and linear evaluation: where the classifier sits."""
+    ft_proj_selector: int = option(1, "fine-tune from the output of head layer k (0 = backbone, -1 = last)", ge=-1)
 
 
 @dataclass
@@ -42,8 +72,8 @@ class OptimConfig:
     lr_scaling: str = option("sqrt", "lr = base_lr*sqrt(B) or base_lr*B/256 (B = global batch)", ("sqrt", "linear"))
     weight_decay: float = option(1e-4, "weight decay (BN and bias excluded)", ge=0)
     momentum: float = option(0.9, "momentum", ge=0, lt=1)
-    eta: float = option(0.001, "LARS trust coefficient", gt=0)
-    lars_mode: str = option("tf", "tf: official TF LARS; torch: common PyTorch variant", ("tf", "torch"))
+    eta: float = option(0.001, "LARS trust coefficient", gt=0, applies=LARS)
+    lars_mode: str = option("tf", "tf: official TF LARS; torch: common PyTorch variant", ("tf", "torch"), applies=LARS)
     warmup_epochs: float = option(10.0, "linear warmup epochs", ge=0)
     epochs: int = option(800, "training epochs", ge=1)
     global_batch_size: int = option(4096, "images per step over all ranks (per-rank batch = this / world)", ge=1)
@@ -55,7 +85,8 @@ class LossConfig:
     temperature: float = option(0.1, "NT-Xent temperature", gt=0)
     chunk_size: Optional[int] = option(None, "memory-lean NT-Xent column chunk; none = automatic, 0 = dense", ge=0)
     queue_size: int = option(0, "memory queue negatives (0 = off; paper: 65536)", ge=0)
-    queue_momentum: float = option(0.999, "EMA momentum of the queue encoder", ge=0, le=1)
+    queue_momentum: float = option(0.999, "EMA momentum of the queue encoder", ge=0, le=1,
+                                   applies=("loss.queue_size", lambda v: v > 0, " > 0"))
 
 
 @dataclass
@@ -104,10 +135,12 @@ class PretrainConfig:
 # ----------------------------------------------------------------------------- fine-tune, distill, linear eval
 @dataclass
 class SubsetConfig:
-    list: str = option("", "official label subset: one file name per line (1percent.txt); '' = none")
+    list: str = option("", "official label subset: one file name per line (1percent.txt); '' = none",
+                       applies=ALPHA)
     fraction: Optional[float] = option(
-        None, "seeded class-balanced label fraction, >= 1 per class; none = off", gt=0, le=1)
-    seed: int = option(0, "seed of the fraction draw", ge=0)
+        None, "seeded class-balanced label fraction, >= 1 per class; none = off", gt=0, le=1, applies=ALPHA)
+    seed: int = option(0, "seed of the fraction draw", ge=0, applies=("subset.fraction", lambda v: v is not None,
+                                                                      " set"))
 
 
 @dataclass
@@ -127,7 +160,7 @@ class FinetuneConfig:
     ckpt: str = option("", "pretrain checkpoint (file, or run dir = its newest ckpt), or 'none' = from scratch")
     zero_init_head: bool = option(True, "zero-initialize the classifier (TF zero_init_logits_layer)")
     data: DataConfig = field(default_factory=lambda: DataConfig(augment="finetune"))
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         base_lr=0.005, lr_scaling="sqrt", weight_decay=0.0, warmup_epochs=0.0, epochs=60,
         global_batch_size=1024))
@@ -154,7 +187,7 @@ class DistillConfig:
     zero_init_head: bool = option(False, "zero-initialize the student's classifier")
     distill: DistillSection = field(default_factory=DistillSection)
     data: DataConfig = field(default_factory=lambda: DataConfig(augment="finetune"))
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     # SimCLRv2 distills with the pretraining schedule (LARS, sqrt-scaled lr, wd, batch 4096), 400 epochs.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         base_lr=0.075, lr_scaling="sqrt", weight_decay=1e-4, warmup_epochs=10, epochs=400,
@@ -170,7 +203,7 @@ class LinearEvalConfig:
     raw_pixels: bool = option(False, "no network: logistic regression on the flattened pixels (fast path)")
     standardize: bool = option(False, "z-score features with train mean/std (fast path; folded into the layer)")
     data: DataConfig = field(default_factory=lambda: DataConfig(augment="finetune"))
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(ft_proj_selector=0))
+    model: ClassifierModelConfig = field(default_factory=lambda: ClassifierModelConfig(ft_proj_selector=0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         optimizer="sgd", base_lr=0.1, lr_scaling="linear", weight_decay=1e-6, momentum=0.9, warmup_epochs=0.0,
         epochs=90, global_batch_size=4096))

@@ -152,7 +152,7 @@ def train(cfg: DistillConfig) -> int:
     pretrained, source = None, "random init"
     if cfg.student_ckpt:
         s_file, pretrained, s_model = load_pretrained(cfg.student_ckpt)
-        arch = {**arch_of(s_model), "ft_proj_selector": cfg.model.ft_proj_selector}
+        arch = arch_of(s_model, cfg.model.ft_proj_selector)
         source = s_file
         if d.student == "teacher" and {k: arch[k] for k in arch if k != "ft_proj_selector"} != \
                 {k: t_arch[k] for k in t_arch if k != "ft_proj_selector"}:
@@ -160,7 +160,7 @@ def train(cfg: DistillConfig) -> int:
     elif d.student == "teacher":
         arch = dict(t_arch)
     else:
-        arch = arch_of(cfg.model)
+        arch = arch_of(cfg.model, cfg.model.ft_proj_selector)
     arch["num_classes"] = len(classes)
     student = build_classifier(arch, len(classes), pretrained, zero_init=cfg.zero_init_head)
     n_t = sum(p.numel() for p in teacher.parameters())

@@ -53,11 +53,12 @@ def train(cfg: FinetuneConfig) -> int:
     # ------------------------------------------------------------------ model
     classes = dataset_classes(run.train_path)
     if cfg.ckpt.lower() == "none":
-        arch, pretrained, source = arch_of(cfg.model), None, "random init (supervised from scratch)"
+        arch = arch_of(cfg.model, cfg.model.ft_proj_selector)
+        pretrained, source = None, "random init (supervised from scratch)"
     else:
         file, pretrained, pre_model = load_pretrained(cfg.ckpt)
         # The architecture is the checkpoint's; only where to cut the head is ours.
-        arch = {**arch_of(pre_model), "ft_proj_selector": cfg.model.ft_proj_selector}
+        arch = arch_of(pre_model, cfg.model.ft_proj_selector)
         source = file
     arch["num_classes"] = len(classes)
     model = build_classifier(arch, len(classes), pretrained, zero_init=cfg.zero_init_head)

@@ -99,8 +99,8 @@ class FeatureLoader:
     def __iter__(self):
         epoch, start = self.epoch, self._start
         self.epoch, self._start = epoch + 1, 0
-        order = torch.as_tensor(shard_indices(len(self.feats), 0, 1, epoch, self.seed, self.train),
-                                device=self.feats.device)
+        order = torch.from_numpy(shard_indices(len(self.feats), 0, 1, epoch, self.seed, self.train).copy())
+        order = order.to(self.feats.device)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             self.last_indices = idx.cpu().numpy()

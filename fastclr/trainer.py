@@ -189,7 +189,7 @@ def wrap_model(model: nn.Module, cfg, run: runtime.Run, compiled: bool) -> tuple
     model = model.to(run.device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if run.world > 1 and cfg.model.sync_bn:
+    if cfg.model.sync_bn and run.world > 1:
         model = convert_sync_bn(model)  # global BN: statistics over all ranks' images, as in the paper
     forward = model
     if run.world > 1:
@@ -328,12 +328,13 @@ class Trainer:
         ckpt_every steps and at the end. Returns whether the task evaluated."""
         epochs_done, at_epoch_end = divmod(self.step, self.steps_per_epoch)
         t = self.task
+        periodic = self.step % self.cfg.run.ckpt_every == 0 or self.step == self.total_steps
         if t.on_epoch_end is not None and at_epoch_end == 0 and t.eval_every > 0 and epochs_done % t.eval_every == 0:
             self.check_finite()
             t.on_epoch_end(epochs_done, self.step)
-            self.save_checkpoint()
+            self.save_checkpoint()  # after every evaluation (best.pt's step is always a checkpoint's)
             return True
-        if self.step % self.cfg.run.ckpt_every == 0 or self.step == self.total_steps:
+        if periodic:
             self.save_checkpoint()
         return False
 

@@ -16,6 +16,11 @@ from typing import Optional, Tuple
 
 from .options import option
 
+# The conditions of the backend- and recipe-specific fields (loaders.options: option(applies=...)).
+TORCH, DALI, FFCV = ("data.backend", ("torch",)), ("data.backend", ("dali",)), ("data.backend", ("ffcv",))
+SIMCLR = ("data.augment", ("simclr",))
+
+
 @dataclass
 class DataConfig:
     """The ``data`` section every entry point shows in --help: what the user chooses. What the entry
@@ -26,16 +31,17 @@ class DataConfig:
     augment: str = option("simclr", "augment recipe preset", ("simclr", "finetune", "eval"))
     image_size: int = option(224, "output side of every view, pixels", ge=1)
     num_workers: int = option(2, "torch: DataLoader workers; dali: CPU threads; ffcv: workers", ge=0)
-    decode_device: str = option("cpu", "torch backend: decode JPEGs on cpu workers or cuda (nvJPEG)", ("cpu", "cuda"))
+    decode_device: str = option("cpu", "torch backend: decode JPEGs on cpu workers or cuda (nvJPEG)", ("cpu", "cuda"),
+                                applies=TORCH)
     photometry_device: str = option("auto", "where colour ops run: auto (the training device) or cpu", ("auto", "cpu"))
     photometry_mode: str = option("auto", "colour-op kernels: auto (GPU: fused, CPU: subset), fused (the whole recipe "
-                                  "as two torch.compile'd graphs: no host sync; on a CPU it compiles once, "
-                                  "~1 min cold), subset (each op on its own samples: exact work, host syncs) or "
+                                  "as two torch.compile'd graphs: no host sync; on a CPU it compiles once per "
+                                  "image size, slowly), subset (each op on its own samples: exact work, host syncs) or "
                                   "where (every op on the whole batch, masked: no host sync)",
                                   ("auto", "fused", "subset", "where"))
     jitter_strength: float = option(1.0, "colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)",
-                                    ge=0)
-    blur: bool = option(True, "gaussian blur p=0.5 (TF turns it off for 32px CIFAR-like data)")
+                                    ge=0, applies=SIMCLR)
+    blur: bool = option(True, "gaussian blur p=0.5 (TF turns it off for 32px CIFAR-like data)", applies=SIMCLR)
     crop_scale: Tuple[float, float] = option((0.08, 1.0), "random crop of the simclr and finetune recipes: area "
                                              "fraction range (TF: 0.08,1; crops also cover >= 10 % of the "
                                              "image, as in TF)", gt=0, le=1)
@@ -43,17 +49,22 @@ class DataConfig:
     # The default is the faster of the two on a GPU (docs/benchmarks.md); "torch" keeps the exact TF colour
     # ops (README: deviations).
     dali_photometry: str = option("dali", "dali: colour ops as native DALI ops (faster) or in torch (exact TF ops, "
-                                  "shared loaders.augment)", ("dali", "torch"))
-    dali_roi_decode: bool = option(False, "dali: ROI-decode each view (image_random_crop) instead of decode once")
+                                  "shared loaders.augment)", ("dali", "torch"), applies=DALI)
+    dali_roi_decode: bool = option(False, "dali: ROI-decode each view (image_random_crop) instead of decode once",
+                                   applies=DALI)
     hw_decoder_load: float = option(0.65, "dali: share of JPEG decoding on the A100/H100 hardware decoder",
-                                    ge=0, le=1)
-    device_memory_padding: int = option(211025920, "dali: nvJPEG device buffer preallocation, bytes", ge=0)
-    host_memory_padding: int = option(140544512, "dali: nvJPEG pinned host buffer preallocation, bytes", ge=0)
-    dali_prefetch: int = option(2, "dali: prefetch queue depth", ge=1)
+                                    ge=0, le=1, applies=DALI)
+    device_memory_padding: int = option(211025920, "dali: nvJPEG device buffer preallocation, bytes", ge=0,
+                                        applies=DALI)
+    host_memory_padding: int = option(140544512, "dali: nvJPEG pinned host buffer preallocation, bytes", ge=0,
+                                      applies=DALI)
+    dali_prefetch: int = option(2, "dali: prefetch queue depth", ge=1, applies=DALI)
     # FFCV
-    ffcv_order: str = option("random", "ffcv: sample order", ("random", "quasi_random"))
-    os_cache: bool = option(True, "ffcv: read the .beton through the OS page cache (False: FFCV's own cache)")
-    batches_ahead: int = option(3, "ffcv: batches prepared ahead", ge=1)
+    ffcv_order: str = option("random", "ffcv: sample order", ("random", "quasi_random"), applies=FFCV)
+    os_cache: bool = option(True, "ffcv: read the .beton through the OS page cache (False: FFCV's own cache)",
+                            applies=FFCV)
+    batches_ahead: int = option(3, "ffcv: batches prepared ahead", ge=1, applies=FFCV)
+
 
 @dataclass
 class LoaderConfig(DataConfig):
@@ -75,7 +86,7 @@ def loader_config(data: DataConfig, *, batch_size: int, train: bool = True, seed
     bad = sorted(set(recipe) - {"path", "file_list", "augment", "backend"})
     if bad:
         raise TypeError(f"loader_config: {bad} are user options, not derived values")
-    fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(DataConfig)}
+    fields = {f.name: vars(data)[f.name] for f in dataclasses.fields(DataConfig)}  # a copy, not a use
     return LoaderConfig(**{**fields, **recipe}, batch_size=batch_size, train=train, seed=seed, dtype=dtype)
 
 

@@ -37,11 +37,19 @@ class ConfigError(ValueError):
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
-def option(default, help, choices=None, *, ge=None, gt=None, le=None, lt=None):
+def option(default, help, choices=None, *, ge=None, gt=None, le=None, lt=None, applies=None):
     """A config field: its default, a one-line help (shown by --help), and optionally the allowed
     values (``choices``) or a numeric range (``ge``/``gt``/``le``/``lt``), which the config parser
-    checks for every value it sets (command line, preset, saved config), before any heavy work."""
+    checks for every value it sets (command line, preset, saved config), before any heavy work.
+
+    ``applies``: when the option means something only with another option's value, that condition,
+    ``(key, values)`` (the other option is one of ``values``), ``(key, predicate, text)``, or a function
+    of the whole config returning None (it applies) or why not. Typed on the command line where the
+    condition does not hold (and the other option exists in that command's config), the option is
+    refused in one line: an option never silently does nothing."""
     meta = {"help": help}
+    if applies is not None:
+        meta["applies"] = applies if callable(applies) else tuple(applies)
     if choices:
         meta["choices"] = tuple(choices)
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
@@ -178,6 +186,32 @@ def set_value(cfg, key: str, value: Any) -> None:
     setattr(obj, leaf, v)
 
 
+def owner_class(cls, key: str):
+    """The dataclass that declares the leaf field of dotted ``key`` (``cls``'s section type)."""
+    hints_cls = cls
+    *path, _ = key.split(".")
+    for p in path:
+        hints_cls = _hints(hints_cls)[p]
+    return hints_cls
+
+
+def applies(cfg, key: str) -> Optional[str]:
+    """None when option ``key`` takes effect in ``cfg`` (no condition, or its condition holds, or the
+    other option is not part of this config); else why not, in words."""
+    table = {k: f for k, f, _ in _fields(cfg)}
+    cond = table[key].metadata.get("applies")
+    if callable(cond):
+        return cond(cfg)
+    if not cond or cond[0] not in table:
+        return None
+    other = get_value(cfg, cond[0])
+    if callable(cond[1]):
+        ok, text = cond[1](other), cond[2]
+    else:
+        ok, text = other in cond[1], "=" + "|".join(map(str, cond[1]))
+    return None if ok else f"applies only with --{cond[0]}{text} (here {_fmt(other)})"
+
+
 def get_value(cfg, key: str) -> Any:
     obj = cfg
     for p in key.split("."):
@@ -245,6 +279,7 @@ def parse_into(cfg, argv: List[str], presets: Dict[str, Dict[str, Any]], prog: s
         raise HelpRequested(help_text(type(cfg), presets, prog, description))
     if argv and not argv[0].startswith("-"):
         apply_preset(cfg, argv.pop(0), presets)
+    typed = []
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -261,6 +296,11 @@ def parse_into(cfg, argv: List[str], presets: Dict[str, Dict[str, Any]], prog: s
             v = argv[i + 1]
             i += 2
         set_value(cfg, k, v)
+        typed.append(k)
+    for k in dict.fromkeys(typed):  # after every value is in: a later option may be the condition
+        why = applies(cfg, k)
+        if why is not None:
+            raise ConfigError(f"--{k} {why}")
     return cfg
 
 

@@ -40,7 +40,7 @@ def test_head_is_cut_at_layer_k(tmp_path, k):
     pre = fake_pretrain_ckpt(tmp_path / "ckpt_00000001.pt")
     file, state, mcfg = classifier.load_pretrained(str(tmp_path))  # a run dir -> its newest checkpoint
     assert file.endswith("ckpt_00000001.pt")
-    arch = {**classifier.arch_of(mcfg), "ft_proj_selector": k}
+    arch = classifier.arch_of(mcfg, k)
     clf = classifier.build_classifier(arch, num_classes=7, pretrained=state, zero_init=True)
     kk = 3 if k == -1 else k
     dims = pre.head.layer_dims  # [512, 512, 512, 16]
