@@ -3,6 +3,7 @@
 #   make demo      the embedded default run: SimCLR on Fashion-MNIST, ~5 min on 2 CPU cores; its curves
 #                  in runs/demo/curves.png
 #   make test      the CPU test suite (GPU tests: pytest -m gpu, or benchmarks/gpu_suite.sh)
+#   make unit      its unit tests alone (no end-to-end runs), a couple of minutes
 #   make bench     images/sec per stage and backend, with peers measured in the same run
 SHELL := /bin/bash
 PY ?= python3
@@ -16,7 +17,7 @@ APT_PKGS := libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist she
 STAMP := $(VENV)/.fastclr-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench semisup apt gpu-carry clean
+.PHONY: install demo test unit bench semisup apt gpu-carry clean
 
 install: $(STAMP)
 
@@ -52,6 +53,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: install
+	$(BIN)/python -m pytest -m "not e2e and not gpu and not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py

@@ -25,15 +25,17 @@ PRETRAIN: Dict[str, Preset] = {
     "imagenet_r50_1x_sk1": {**_IMAGENET, "model.name": "r50_1x_sk1"},
     "imagenet_r101_2x_sk1": {**_IMAGENET, "model.name": "r101_2x_sk1"},
     "imagenet_r152_3x_sk1": {**_IMAGENET, "model.name": "r152_3x_sk1"},
-    # The embedded default: Fashion-MNIST at 32px, a small ResNet, ~5 minutes on 2 CPU cores.
+    # The embedded default: Fashion-MNIST at 32px, a small ResNet, sized for `make demo`'s 5-minute budget
+    # on 2 CPU cores.
     "demo_cpu": {
         "data.path": "", "data.image_size": 32, "data.augment": "simclr", "data.blur": False,
-        "data.jitter_strength": 0.5, "data.num_workers": 2, # Crops of at least 20 % of the area, not TF's 8 %: on 28-px garments padded to 32 px an 8 % crop is
+        "data.jitter_strength": 0.5, "data.num_workers": 2,
+        # Crops of at least 20 % of the area, not TF's 8 %: on 28-px garments padded to 32 px an 8 % crop is
         # a 9x9 patch with little of the object. Chosen on a validation split carved from the train images
         # (docs/semisup.md, "What was tried for the demo").
         "data.crop_scale": (0.2, 1.0),
-        # The ImageNet stem, not the CIFAR one: at 32px it runs ~5x faster on CPU, which is what
-        # lets the demo train for most of an epoch in its 5-minute budget.
+        # The ImageNet stem, not the CIFAR one: at 32px it downsamples 4x at once, a fraction of the CIFAR
+        # stem's compute, which is what lets the demo train for most of an epoch in its budget.
         "model.depth": 18, "model.width": 1, "model.cifar_stem": False,
         "optim.global_batch_size": 256, "optim.base_lr": 0.3, "optim.lr_scaling": "linear",
         "optim.weight_decay": 1e-6, "optim.warmup_epochs": 0.1, "optim.epochs": 1,
@@ -109,7 +111,8 @@ DISTILL: Dict[str, Preset] = {
 # ----------------------------------------------------------------------------- linear evaluation
 # The demo's label budgets are small (600 / 6000 images): a smaller batch, the same lr rule, more steps.
 _DEMO_LE = {
-    "data.path": "", "data.image_size": 32, "data.num_workers": 2, "optim.base_lr": 0.1, "optim.lr_scaling": "linear", "optim.weight_decay": 1e-6, "optim.epochs": 90,
+    "data.path": "", "data.image_size": 32, "data.num_workers": 2,
+    "optim.base_lr": 0.1, "optim.lr_scaling": "linear", "optim.weight_decay": 1e-6, "optim.epochs": 90,
     "run.device": "cpu", "run.precision": "fp32", "run.eval_every": 10, "run.eval_batch_size": 500,
     "run.log_every": 50,
 }

@@ -2,7 +2,7 @@
 training loop (fastclr.trainer), then the k-NN check.
 
     torchrun --nproc_per_node=8 fastclr/pretrain.py imagenet_r50_1x --data.path=/data/imagenet/train
-    torchrun --standalone --nproc_per_node=1 fastclr/pretrain.py       # the embedded demo (CPU, ~5 min)
+    torchrun --standalone --nproc_per_node=1 fastclr/pretrain.py       # the embedded demo (CPU, make demo)
     python fastclr/pretrain.py demo_cpu --optim.epochs=2                # one process, no torchrun
 
 Everything is configured by ``[PRESET] --section.key=value`` (see --help). The run directory

@@ -102,3 +102,14 @@ def ffcv_contract_data(ffcv_mixed_beton):
     assert ffcv_mixed_beton["written"] == expected, ffcv_mixed_beton
     return dict(path=ffcv_mixed_beton["out"], file_list=None, expected_images=expected, bad=0,
                 num_classes=NUM_CLASSES)
+
+
+# Fixtures that run whole programs (the benchmark's smoke run, the real demo set's preparation):
+# every test that uses one is end to end.
+E2E_FIXTURES = {"quick_result", "demo_root"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

@@ -60,6 +60,7 @@ def test_quick_meta(quick_result):
     assert meta["complete"] is True
 
 
+@pytest.mark.e2e
 def test_killed_run_leaves_partial_json(tmp_path, monkeypatch):
     """The GPU suite kills throughput.py at its time limit: what was measured before must be on disk."""
     import importlib.util
@@ -163,6 +164,7 @@ def test_quick_charts(quick_result):
         assert Path(path).is_file() and Path(path).parent == out.parent, (stage, path)
 
 
+@pytest.mark.e2e
 def test_quick_run_writes_to_a_temporary_folder(tmp_path):
     """--quick without --out: the JSON goes to a new fastclr-bench-* folder of the temp dir, never into
     benchmarks/results/ (results meant to be committed), and the run says where it went."""
@@ -181,6 +183,7 @@ def test_quick_run_writes_to_a_temporary_folder(tmp_path):
     assert json.loads(path.read_text())["meta"]["complete"] is True
 
 
+@pytest.mark.e2e
 def test_bad_arguments_fail_fast():
     proc = _run([sys.executable, str(THROUGHPUT), "--stages", "read,warp"], timeout=120)
     assert proc.returncode == 2 and "unknown stage" in proc.stderr
@@ -283,6 +286,7 @@ def test_gpu_suite_assembles_and_verifies(tmp_path):
     assert not (tmp_path / "work2" / "wheels" / "fake_pkg-1.0-py3-none-any.whl").exists()
 
 
+@pytest.mark.e2e
 def test_gpu_carry_dry_run(tmp_path):
     proc = _run(["bash", str(CARRY), "--dry-run", str(tmp_path / "carry")], timeout=120,
                 env={"FASTCLR_CARRY_CACHE": str(tmp_path / "cache")})
@@ -324,6 +328,7 @@ def test_shellcheck(script):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_merge_results_keeps_measured_stages(quick_result, tmp_path):
     """merge_results: a stage that failed in a later run (skipped, or "ok" with every row failed) keeps
     the earlier measurement; a later measurement replaces an earlier failure; each stage names its
@@ -358,6 +363,7 @@ def test_merge_results_keeps_measured_stages(quick_result, tmp_path):
         assert merged["ratios"][k].get("value") == r.get("value"), k
 
 
+@pytest.mark.e2e
 def test_semisup_report_results(tmp_path):
     """semisup.sh's bookkeeping (experiments/semisup_report.py): the results table and JSON from the step
     runs' last log records, a missing or unfinished step shown as '-', seconds summed per step."""
@@ -402,6 +408,7 @@ with open(os.path.join(out, "log.jsonl"), "w") as f:
 """
 
 
+@pytest.mark.e2e
 def test_semisup_gpu_variant_wiring(tmp_path):
     """SEMISUP_DEVICE=cuda: every step on the GPU in bf16, eager (no compile, no CUDA graphs, no fused-op
     compile), the GPU schedules (pretraining epochs and batch, 30 fine-tuning epochs at 10 % only, 10
@@ -446,7 +453,7 @@ def test_semisup_gpu_variant_wiring(tmp_path):
 
 
 def test_semisup_targets_are_judged_from_the_results():
-    """Each of the issue's targets: met only when every pair clears its margin (a tie counts, also where
+    """Each of the chain's targets: met only when every pair clears its margin (a tie counts, also where
     float addition would miss it); "fine-tune or linear" takes the better of the two; a student is held
     against its teacher's best top-1 (distill.py loads best.pt); a missing step leaves the target
     unjudged, and a smoke run is not judged at all."""

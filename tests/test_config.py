@@ -103,6 +103,7 @@ def test_json_dump_roundtrip_and_derived_values_not_written(tmp_path):
     assert C.from_dict(PretrainConfig, {"optim": {"nope": 1}}, strict=False) == PretrainConfig()
 
 
+@pytest.mark.e2e
 def test_cli_exit_codes_and_stderr():
     code = ("from fastclr import config as C, presets; "
             "C.parse(C.PretrainConfig, None, presets.PRETRAIN, prog='pretrain.py')")

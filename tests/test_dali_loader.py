@@ -305,6 +305,7 @@ def test_gpu_graph_is_well_formed_without_a_gpu():
                 assert devices == ["cpu"] + ["gpu"] * (1 + spec.num_views)
 
 
+@pytest.mark.e2e
 def test_import_loaders_does_not_import_dali():
     code = "import sys, loaders; loaders.build; assert 'nvidia.dali' not in sys.modules, 'DALI imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,6 +16,7 @@ from loaders import demo_data
 from loaders.sources.folders import list_image_folder
 
 
+@pytest.mark.e2e
 def test_real_demo_set_counts_per_class(demo_root):
     for split, per_class in (("train", 6000), ("val", 1000)):
         samples, classes = list_image_folder(demo_root / split)
@@ -60,6 +61,7 @@ def small_source(tmp_path):
     return src
 
 
+@pytest.mark.e2e
 def test_interrupted_preparation_is_redone(tmp_path, small_source):
     cache = tmp_path / "cache"
     code = ("import sys; from loaders import demo_data; "
@@ -88,6 +90,7 @@ def test_folder_without_marker_is_rebuilt(tmp_path, small_source):
     assert len(list_image_folder(root / "train")[0]) == 3000
 
 
+@pytest.mark.e2e
 def test_missing_source_is_one_line_error_with_install_command(tmp_path):
     with pytest.raises(demo_data.DemoDataError) as e:
         demo_data.prepare(tmp_path / "c", tmp_path / "nope", progress=False)

@@ -126,6 +126,7 @@ TINY = ["--data.image_size=32", "--data.num_workers=0", "--optim.global_batch_si
         "--run.log_every=1", "--run.eval_batch_size=24"]
 
 
+@pytest.mark.e2e
 def test_short_runs_self_distill_with_labels_and_cached_teacher(tmp_path, image_folder, capsys):
     t = teacher_run(tmp_path, image_folder)
     out = tmp_path / "self"

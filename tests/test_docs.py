@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["pretrain", "finetune", "distill", "linear_eval"]
 DOC = ROOT / "docs" / "config.md"
@@ -20,10 +22,12 @@ def render() -> str:
     return "".join(parts)
 
 
+@pytest.mark.e2e
 def test_config_reference_is_up_to_date():
     assert DOC.read_text() == render(), "docs/config.md is stale: run python tests/test_docs.py"
 
 
+@pytest.mark.e2e
 def test_help_survives_a_closed_pipe():
     r = subprocess.run(f"{sys.executable} {ROOT / 'fastclr' / 'pretrain.py'} --help | head -1", shell=True,
                        capture_output=True, text=True)

@@ -77,6 +77,7 @@ def records(out):
     return [json.loads(ln) for ln in Path(out, "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_short_run_subset_eval_best_and_exact_resume(tmp_path, image_folder):
     fake_pretrain_ckpt(tmp_path / "pre" / "ckpt_00000001.pt")
     base = ["demo_1pct", f"--ckpt={tmp_path / 'pre'}", f"--data.path={image_folder}",
@@ -112,6 +113,7 @@ def test_short_run_subset_eval_best_and_exact_resume(tmp_path, image_folder):
         assert torch.equal(wa[key], wb[key]), key
 
 
+@pytest.mark.e2e
 def test_scratch_baseline_and_one_line_errors(tmp_path, image_folder, capsys):
     out = tmp_path / "scratch"
     assert ft.main(["demo_1pct", "--ckpt=none", f"--data.path={image_folder}", "--subset.fraction=0.5",

@@ -27,6 +27,7 @@ def records(out):
     return [json.loads(ln) for ln in Path(out, "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_fast_path_equals_slow_path_without_augmentation(tmp_path, image_folder, pre):
     # 24 images / batch 8 = 3 steps per epoch, 3 epochs; a large lr so the layer moves well away from 0
     common = [f"--ckpt={pre}", f"--data.path={image_folder}", f"--run.val_path={image_folder}",
@@ -70,6 +71,7 @@ def test_recipe_is_tf_linear_eval():
     assert opt.defaults["weight_decay"] == 1e-6
 
 
+@pytest.mark.e2e
 def test_raw_pixels_logistic_regression_and_standardize_fold(tmp_path, image_folder):
     out = tmp_path / "raw"
     assert le.main(["--raw_pixels=true", "--standardize=true", f"--data.path={image_folder}",

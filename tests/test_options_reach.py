@@ -17,6 +17,8 @@ from fastclr import distill, finetune, linear_eval, pretrain, presets
 from loaders import config as LC
 from loaders import options
 
+pytestmark = pytest.mark.e2e
+
 SECTIONS = [LC.DataConfig, C.ModelConfig, C.ClassifierModelConfig, C.OptimConfig, C.LossConfig, C.BaseRunConfig, C.RunConfig,
             C.TrainRunConfig, C.SubsetConfig, C.DistillSection, C.PretrainConfig, C.FinetuneConfig,
             C.DistillConfig, C.LinearEvalConfig]

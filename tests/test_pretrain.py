@@ -14,6 +14,8 @@ import torch
 
 from fastclr import checkpoint as ck
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "fastclr" / "pretrain.py")
 # A tiny, fast configuration on the fixture folder: R18 with the CIFAR stem at 32px, batch 8.

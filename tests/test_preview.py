@@ -121,6 +121,7 @@ def test_bad_input_is_one_line(image_folder, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and msg in err and err.startswith(preview.PROG), (args, err)
 
 
+@pytest.mark.e2e
 def test_help_and_no_fastclr_import():
     code = ("import sys, loaders.preview as p; p.build_parser().format_help(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'fastclr'))")

@@ -194,6 +194,7 @@ def test_pruning_deletes_only_this_runs_older_files(tmp_path):
         assert ck.load_latest_valid(tmp_path)[1]["step"] == 8
 
 
+@pytest.mark.e2e
 def test_non_finite_state_is_never_written_and_resume_skips_it(tmp_path, image_folder, capsys):
     """lr 1e6: BatchNorm's running_var goes inf while the loss still looks finite. The run once
     checked parameters only, wrote such a checkpoint and named it "last good"; resume=auto then died at
@@ -266,6 +267,7 @@ def test_unsafe_and_unreadable_checkpoints_are_refused_by_name_and_reason(tmp_pa
         ck.load(empty)
 
 
+@pytest.mark.e2e
 def test_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, image_folder):
     """The real CLI with a file-size limit (what a full disk looks like to the writer): a checkpoint
     write once gave a 32-line traceback and left ckpt_*.pt.tmp behind, keeping the disk full."""

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fastclr import checkpoint as ck
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--data.image_size=32", "--data.num_workers=0", "--run.progress=false"]

@@ -56,6 +56,7 @@ def test_dali_checker_rejects_exactly_the_unreadable(bad_files):
     assert all(reason.startswith(prefix) for reason in found.values()), found
 
 
+@pytest.mark.e2e
 def test_main_writes_clean_list_and_report(mixed_folder, tmp_path, capsys):
     out = tmp_path / "clean_list.txt"
     rc = validate.main([mixed_folder, "--out", str(out), "--workers", "2", "--quiet"])

@@ -173,6 +173,7 @@ def test_writer_failure_midway_keeps_the_final_name_clean(tmp_path, image_folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.beton"]
 
 
+@pytest.mark.e2e
 def test_sigkill_midway_leaves_no_final_file(tmp_path, image_folder):
     """A real converter process killed with SIGKILL while writing: no file under the final name."""
     out = tmp_path / "k.beton"

@@ -21,6 +21,8 @@ from fastclr.zoo import catalog, cli
 from fastclr.zoo.convert import imagenet_class_names
 from fastclr.zoo.tf1 import import_tf
 
+pytestmark = pytest.mark.e2e
+
 if importlib.util.find_spec("tensorflow") is None:
     pytest.skip("TensorFlow not installed: pip install 'fastclr[tf]'", allow_module_level=True)
 tf = import_tf()  # after torch._dynamo, as fastclr.zoo does (see import_tf)

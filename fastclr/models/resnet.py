@@ -66,8 +66,8 @@ def tf_variance_scaling_(weight: torch.Tensor) -> torch.Tensor:
 
     The std is divided by 0.8796..., the std of a unit normal truncated at +-2, so the *truncated*
     distribution has variance 1 / fan_in, exactly as Keras does. Sampled by inverse CDF in one pass
-    (uniform -> erfinv): torch's trunc_normal_ resamples in a loop, ~10x slower on CPU, which adds
-    up to a minute of init for R152 3x.
+    (uniform -> erfinv): torch's trunc_normal_ resamples in a loop, which makes the init of the big
+    models (R152 3x) slow.
     """
     fan_in = weight[0].numel()  # in_channels * kh * kw
     std = math.sqrt(1.0 / fan_in) / 0.87962566103423978

@@ -80,7 +80,7 @@ def _hue_value_chroma(x: torch.Tensor):
 
 
 def _mod6(k: torch.Tensor) -> torch.Tensor:
-    """k mod 6 in [0, 6), in place (floor form: ~5x faster than torch.remainder on CPU)."""
+    """k mod 6 in [0, 6), in place (the floor form: cheaper than torch.remainder on CPU)."""
     return k.sub_(torch.floor_(k * (1.0 / 6.0)).mul_(6.0))
 
 
@@ -164,7 +164,7 @@ def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int, method: str = "auto"
     zeros, which darkens a border of up to kernel_size // 2 pixels; we follow TF).
 
     method: "conv" (grouped depthwise conv2d 1xK then Kx1, one group per sample and channel: the
-    GPU path), "taps" (a shifted multiply-add per tap, skipping taps < 1e-9: ~2x faster than
+    GPU path), "taps" (a shifted multiply-add per tap, skipping taps < 1e-9: faster than
     conv on CPU), "auto" = taps on CPU, conv elsewhere. Returns NCHW-contiguous or x's format.
     """
     N, C, H, W = x.shape

@@ -19,8 +19,8 @@ channel means of the image *as it is when contrast runs*. Each sample runs contr
 so the jitter is two passes over the pixels:
 
   pass 1  recompute the ops before each sample's contrast position (at most 3), reduce to 3 means
-          (accumulated in float64: an fp32 sum over 50k pixels drifts by ~4e-6, which contrast
-          amplifies past 1e-5);
+          (accumulated in float64: an fp32 sum over a whole image drifts, and contrast amplifies the
+          drift past the tolerance the tests hold the graphs to);
   pass 2  all 4 positions + grayscale, written into a zero-bordered scratch buffer;
 
 then the blur (separable, per-sample sigma, TF zero padding) as two more passes over pre-padded
@@ -32,11 +32,10 @@ parameters are gathered from ``params["order"]`` into a small [N, 4, 6] table wi
 Two compiled graphs (``torch.compile``, inductor: Triton on CUDA, C++/OpenMP on CPU):
 ``_jitter_graph`` (uint8 crops or float images -> scratch) and ``_blur_graph`` (scratch -> output).
 Inductor does not emit exactly that on a CPU: the three means reduce in three loops and the jitter
-output and the horizontal blur go through a temporary before their padded buffer (about 100 MB of
-intermediates per 64 views of 224 px). Measured on one CPU thread it is no faster than the eager
-subset path (~210-290 vs ~180-230 ms per 64 views of 224 px), and the first call compiles for
-tens of seconds (cold) or ~10 s (inductor's disk cache, ``TORCHINDUCTOR_CACHE_DIR``), so
-``augment`` uses this path by default only on CUDA; on the CPU it is opt-in (``mode="fused"``).
+output and the horizontal blur go through a temporary before their padded buffer. On a CPU it is
+no faster than the eager subset path (docs/benchmarks.md) and its first call compiles (slowly; from
+inductor's disk cache, ``TORCHINDUCTOR_CACHE_DIR``, faster), so ``augment`` uses this path by default
+only on CUDA; on the CPU it is opt-in (``mode="fused"``).
 
 Graphs are specialized on image size, kernel size, input kind and output dtype/layout, not on the
 batch size: the batch dim is dynamic (size-oblivious) and a batch of 1 runs as 2 images, so one
@@ -272,8 +271,8 @@ def _constants(mean_std: tuple, device: torch.device) -> tuple:
 
 class _Scratch(threading.local):
     """Zero-bordered float32 scratch buffers, per thread (and, on CUDA, per stream), reused across
-    calls of the same shape: they never leave this module, and on the CPU a fresh 40 MB buffer costs
-    ~30 ms of page faults. The graphs only write interiors, so borders zeroed once stay zero."""
+    calls of the same shape: they never leave this module, and on the CPU a fresh buffer costs its
+    page faults on every call. The graphs only write interiors, so borders zeroed once stay zero."""
 
     def __init__(self):
         self.bufs: dict[tuple, torch.Tensor] = {}

@@ -15,7 +15,7 @@ import torch
 
 from .spec import AugmentSpec, CropSpec
 
-try:  # OpenCV is ~1.5x faster than PIL for decode and resize; PIL is the fallback.
+try:  # OpenCV decodes and resizes faster than PIL (throughput.py's decode and geometry stages); PIL: fallback
     import cv2
 except Exception:  # noqa: BLE001  # pragma: no cover - a broken OpenCV fails in many ways; PIL covers all
     cv2 = None

@@ -174,7 +174,7 @@ def photometric(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator |
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     in_dtype = x.dtype
     work = torch.float64 if in_dtype == torch.float64 else torch.float32
-    # subset runs on plain NCHW (its per-channel ops are ~2x faster there), fused takes float32 NCHW
+    # subset runs on plain NCHW (its per-channel ops are faster there), fused takes float32 NCHW
     # (one graph for every input dtype and layout); where keeps the input's layout.
     y = x.to(dtype=work, memory_format=torch.contiguous_format) if mode != "where" else x.to(dtype=work)
     if y is x and not inplace:
@@ -230,8 +230,8 @@ def apply(mode: str, src: torch.Tensor, spec: AugmentSpec, params: dict[str, tor
 
 class _HostBuffers(threading.local):
     """Per-thread cache of large CPU buffers, one per role (work / out), for finish_views. A fresh
-    38.5 MB buffer (64 views of 224 px in float32) costs ~30 ms of page faults on every call; a
-    reused one costs none. Reuse rule (the ``out`` role's buffer is what finish_views returns):
+    buffer (tens of MB for a batch of 224 px views) costs its page faults on every call; a reused one
+    costs none. Reuse rule (the ``out`` role's buffer is what finish_views returns):
 
       a cached buffer is handed out again only when nothing outside this cache references its
       storage (the views returned last time, and every view or numpy array made from them, are

@@ -2,7 +2,8 @@
 ``loaders.write_ffcv`` converter all turn encoded bytes into ``HxWx3 uint8 RGB`` here, so that a file is
 good, bad or converted the same way everywhere.
 
-OpenCV first (~1.6x faster than PIL on JPEG; EXIF orientation ignored, like TF and PIL), PIL for what
+OpenCV first (faster than PIL on JPEG: benchmarks/throughput.py's decode stage; EXIF orientation
+ignored, like TF and PIL), PIL for what
 OpenCV refuses; PIL's error (e.g. "image file is truncated") is the reason reported for a bad file.
 Images with more than 8 bits per channel (16-bit PNG and TIFF) are scaled to 8 bits by keeping the
 high byte, as OpenCV does, in both paths: PIL's own ``convert("RGB")`` clips 16-bit grayscale at 255,
