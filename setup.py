@@ -53,6 +53,8 @@ setup(
             "fastclr-distill=fastclr.distill:main",
             "fastclr-linear-eval=fastclr.linear_eval:main",
             "fastclr-export=fastclr.export:main",
+            "fastclr-launch=fastclr.launch:main",
+            "fastclr-zoo=fastclr.zoo.cli:main",
             "fastclr-write-ffcv=loaders.write_ffcv:main",
             "fastclr-validate=loaders.validate:main",
         ]

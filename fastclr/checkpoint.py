@@ -93,7 +93,9 @@ def read(path: str | os.PathLike, map_location="cpu") -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle: torch's "please file an issue" aside, then our line
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError... per defect)
         text = str(e)
         if "weights_only" in text and re.search(r"global", text, re.IGNORECASE):  # a pickled object or call

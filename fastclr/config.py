@@ -75,7 +75,8 @@ class OptimConfig:
     eta: float = option(0.001, "LARS trust coefficient", gt=0, applies=LARS)
     lars_mode: str = option("tf", "tf: official TF LARS; torch: common PyTorch variant", ("tf", "torch"), applies=LARS)
     warmup_epochs: float = option(10.0, "linear warmup epochs", ge=0)
-    epochs: int = option(800, "training epochs", ge=1)
+    epochs: float = option(800, "training epochs: the length of the warmup + cosine schedule (a fraction of an "
+                           "epoch allowed); run.max_steps may stop the run earlier", gt=0)
     global_batch_size: int = option(4096, "images per step over all ranks (per-rank batch = this / world)", ge=1)
     grad_accum: int = option(1, "gradient accumulation steps (per-rank batch = global / world / accum)", ge=1)
 
@@ -97,13 +98,18 @@ class BaseRunConfig:
     seed: int = option(0, "global seed (each rank derives its own)", ge=0)
     device: str = option("auto", "auto (cuda if available), cuda or cpu", ("auto", "cuda", "cpu"))
     precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", ("auto", "fp32", "bf16", "fp16"))
-    max_steps: Optional[int] = option(None, "stop after this many steps (none = all epochs)", ge=0)
+    max_steps: Optional[int] = option(None, "stop after this many steps (none = all epochs)", ge=1)
     log_every: int = option(20, "steps between logs (the only host syncs of the loop)", ge=1)
     tensorboard: bool = option(False, "also write every logged number as TensorBoard scalars (train/loss, eval/top1, "
                                "...) beside log.jsonl; needs fastclr[tensorboard]; tensorboard --logdir runs")
     ckpt_every: int = option(1000, "steps between checkpoints (and one at the end)", ge=1)
     keep_last: int = option(3, "checkpoints kept (0 = all)", ge=0)
     resume: str = option("", "'' = fresh run, 'auto' = newest valid checkpoint in out_dir, or a path")
+    allow_config_change: bool = option(False, "resume although options that change the run's trajectory differ from "
+                                       "the checkpoint's (the log records a new segment; both configs are kept)",
+                                       applies=("run.resume", bool, " set"))
+    stop_signals: str = option("TERM,INT,USR1", "signals that stop the run after the step in flight with a "
+                               "checkpoint (exit status 3); comma list of TERM, INT, USR1, USR2, HUP; '' = none")
     overwrite: bool = option(False, "a fresh run may delete the checkpoints (and best.pt, log.jsonl) another "
                              "run left in out_dir; without it that is an error")
     deterministic: bool = option(False, "deterministic algorithms (CPU exact-resume tests)")

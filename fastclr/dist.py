@@ -90,6 +90,48 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def on_main(fn):
+    """``fn()`` on rank 0, its result (or the message of the exception it raised) broadcast, so every
+    rank returns the same value or raises the same exception, instead of the others waiting forever
+    for a rank 0 that stopped on bad input."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+            error = e
+    if world_size() == 1:
+        if error is not None:
+            raise error
+        return result
+    box = [result, None if error is None else (type(error), str(error))]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        if error is not None:
+            raise error
+        raise box[1][0](box[1][1])
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (one small all-reduce; call it where the loop syncs anyway)."""
+    if world_size() == 1:
+        return flag
+    dev = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (picklable values; a sync: checkpoint time only)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

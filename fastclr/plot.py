@@ -179,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out(out) -> None:
+    """PlotError unless matplotlib can write ``out``'s format (known from its suffix)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = Path(out).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise PlotError(f"--out {out}: {'no' if not suffix else 'unknown'} image format"
+                        f"{'' if not suffix else ' .' + suffix}; use .png, .svg or .pdf (or {', '.join(sorted(formats))})")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out
@@ -186,6 +196,7 @@ def main(argv=None) -> int:
         one = Path(args.runs[0])
         out = (one if one.is_dir() else one.parent) / "curves.png" if len(args.runs) == 1 else "curves.png"
     try:
+        check_out(out)
         notes = plot(args.runs, out, args.title)
     except PlotError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -18,12 +19,10 @@ import torch
 
 from fastclr import checkpoint as ckpt
 from fastclr import dist
+from fastclr.errors import UserError
 from loaders.errors import EXIT_BAD_INPUT, EXIT_FAILED  # noqa: F401
 from loaders.config import dtype_name, parse_dtype  # noqa: F401
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, before any heavy work."""
+from loaders.sources.files import atomic_write_text
 
 
 def fail(prog: str, msg: str, code: int = 2):
@@ -53,20 +52,70 @@ def run_entry(prog: str, cls, presets, description: str, fn, argv=None, demo_pre
     plain = warnings.formatwarning
     warnings.formatwarning = lambda m, c, *a, **k: (f"{prog}: warning: {m}\n" if c is UserWarning
                                                     else plain(m, c, *a, **k))
+    from fastclr import stopping
     try:
-        return fn(cfg)
+        try:
+            signals = stopping.parse_names(cfg.run.stop_signals)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        with stopping.installed(prog, signals):
+            return fn(cfg)
+    except stopping.Stopped as e:
+        if dist.is_main():
+            print(f"{prog}: {e.line()}", file=sys.stderr, flush=True)
+        raise SystemExit(stopping.EXIT_STOPPED)
+    except KeyboardInterrupt:  # run.stop_signals without INT: Ctrl-C, still one line
+        fail(prog, "interrupted (Ctrl-C); the newest checkpoint in run.out_dir is where --run.resume=auto "
+                   "continues", 130)
     except (UserError, DataError, ckpt.UnusableCheckpoint) as e:
         fail(prog, one_line(e), EXIT_BAD_INPUT)
     except (ckpt.CheckpointWriteError, ckpt.NonFiniteState) as e:
         fail(prog, one_line(e), EXIT_FAILED)
+    except RuntimeError as e:
+        why = loader_failure(e)
+        if why is None:
+            raise
+        # The DataLoader is broken: its shutdown would wait on a stalled worker (which ignores the signals
+        # it sends, fastclr.stopping) or report the dead one again from its SIGCHLD handler. Say the one
+        # line, give the folder back, end the workers and leave without running that shutdown.
+        print(f"{prog}: error: {why}", file=sys.stderr, flush=True)
+        release_lock()
+        import multiprocessing
+        for child in multiprocessing.active_children():
+            child.kill()
+        sys.stdout.flush()
+        os._exit(EXIT_FAILED)
     except OSError as e:
         if e.errno not in _FULL_DISK:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        fail(prog, f"cannot write{where}: {e.strerror}", EXIT_FAILED)
+        out_dir = getattr(getattr(cfg, "run", None), "out_dir", ".")
+        try:
+            free = f"{shutil.disk_usage(out_dir).free / 2**30:.2f} GiB free in {out_dir}"
+        except OSError:
+            free = "free space unknown"
+        fail(prog, f"cannot write {e.filename or 'to ' + out_dir}: {e.strerror} ({free})", EXIT_FAILED)
     finally:
         warnings.formatwarning = plain
+        release_lock()
         dist.cleanup()
+
+
+def loader_failure(e: BaseException) -> str | None:
+    """One line for a DataLoader that failed under the run (None: another error): a worker that died
+    (torch raises it from its SIGCHLD handler, anywhere in the loop) or no batch within data.timeout."""
+    import re
+    text = str(e)
+    m = re.search(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (exited unexpectedly|is killed by signal)", text)
+    if m:
+        sig = re.search(r"killed by signal: ([^.\n]+)", text)
+        how = f" (signal: {sig.group(1).strip()})" if sig else ""
+        return (f"DataLoader worker {m.group(1)} died{how}: out of memory (the kernel's OOM killer, see dmesg), "
+                f"or killed; fewer --data.num_workers or more memory, then --run.resume=auto")
+    m = re.search(r"DataLoader timed out after ([\d.]+) seconds", text)
+    if m:
+        return (f"no batch from the DataLoader workers in {float(m.group(1)):g} s (data.timeout): a stalled worker or a hung "
+                f"file system; check the data's storage, then --run.resume=auto (or raise --data.timeout)")
+    return None
 
 
 def one_line(e: BaseException) -> str:
@@ -292,8 +341,8 @@ class StepMeter:
         if bad >= 0:
             where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
             lr = f" (lr {lr_at_step(bad):.4g})" if lr_at_step is not None else ""
-            raise SystemExit(f"{prog}: non-finite loss at step {bad}{lr}; stopping. {where}. "
-                             "Lower optim.lr or check the data, then --run.resume=auto.")
+            raise ckpt.NonFiniteState(f"non-finite loss at step {bad}{lr}; stopping. {where}. "
+                                      "Lower optim.lr or check the data, then --run.resume=auto.")
         dt = time.perf_counter() - self.t0
         sums = torch.stack([self.loss_sum, *self.sums.values()]) / self.n
         loss, *means = sums.tolist()  # the one host sync of the window
@@ -326,6 +375,7 @@ class Run:
     is_demo: bool              # data.path was empty: the embedded Fashion-MNIST set
     out_dir: str
     ckpts: ckpt.RunCheckpoints
+    resumed: Optional[Tuple[Path, dict]] = None  # (file, state) of the checkpoint this run resumes from
 
 
 # Besides ckpt_*.pt, the files that mark a folder as another run's (finetune/distill/linear_eval).
@@ -352,10 +402,23 @@ def start_run(cfg, min_batch: int = 1) -> Run:
     # model loads it instead of compiling again.
     from loaders.demo_data import cache_dir
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    # The folder and the resume target, before anything is created; then the folder's lock (rank 0).
+    from fastclr import rundir
+    rundir.check_resume(r.resume)
+    dist.on_main(lambda: rundir.check_out_dir(r.out_dir))
+
+    def lock():
+        Path(r.out_dir).mkdir(parents=True, exist_ok=True)
+        _LOCK.append(rundir.RunLock(r.out_dir))
+        _LOCK[-1].acquire()
+    dist.on_main(lock)
     try:
         ckpts = ckpt.RunCheckpoints(r.out_dir, r.keep_last, r.resume, r.overwrite, RUN_FILES, main=dist.is_main())
     except ValueError as e:
         raise UserError(str(e)) from None
+    resumed = ckpts.load_resume()  # on every rank: the same file, the same verdict below
+    if resumed is not None:
+        check_config_on_resume(cfg, *resumed)
     if r.overwrite and not r.resume and dist.is_main():
         # The old run's records would mix with ours: its log and its TensorBoard event files go.
         for old in (Path(r.out_dir, LOG_NAME), *Path(r.out_dir).glob("events.out.tfevents.*")):
@@ -365,4 +428,42 @@ def start_run(cfg, min_batch: int = 1) -> Run:
     if dist.is_main():
         C.save_json(cfg, os.path.join(cfg.run.out_dir, "config.json"))
     dist.barrier()
-    return Run(rank, world, device, dtype, per_rank, train_path, val_path, is_demo, cfg.run.out_dir, ckpts)
+    run = Run(rank, world, device, dtype, per_rank, train_path, val_path, is_demo, cfg.run.out_dir, ckpts)
+    run.resumed = resumed
+    return run
+
+
+_LOCK: list = []  # the run folder's lock while this process holds it (rank 0)
+
+
+def release_lock() -> None:
+    """Give the run folder's lock back (run_entry does, however the run ends)."""
+    while _LOCK:
+        _LOCK.pop().release()
+
+
+def check_config_on_resume(cfg, path, state) -> None:
+    """Refuse (one line) a resume whose options change the run's trajectory, unless
+    run.allow_config_change; with any change, keep the previous config as config.<step>.json and log a
+    ``segment`` record naming the changes."""
+    from fastclr import config as C
+    from fastclr import rundir
+    old = state.get("config")
+    if not isinstance(old, dict):
+        return  # a checkpoint of another fastclr version: nothing to compare
+    trajectory, bookkeeping = rundir.config_changes(old, C.to_dict(cfg))
+    if trajectory and not cfg.run.allow_config_change:
+        shown = "; ".join(trajectory[:6]) + (f"; ... ({len(trajectory)} in all)" if len(trajectory) > 6 else "")
+        raise UserError(f"{path} was made with other options that change the run ({shown}): resume with the "
+                        f"same options, or pass --run.allow_config_change=true to continue with these")
+    if (trajectory or bookkeeping) and dist.is_main():
+        step = int(state.get("step", 0))
+        previous = Path(cfg.run.out_dir, f"config.{step:08d}.json")
+        atomic_write_text(previous, json.dumps(old, indent=2, sort_keys=True) + "\n")
+        log = RunLog(cfg.run.out_dir)
+        log.write(event="segment", step=step, changed=trajectory + bookkeeping,
+                  previous_config=f"config.{step:08d}.json")
+        log.close()
+        if trajectory:
+            print(f"warning: resuming {path} with {len(trajectory)} changed option(s) that change the run "
+                  f"(--run.allow_config_change=true): {'; '.join(trajectory[:4])}", file=sys.stderr, flush=True)

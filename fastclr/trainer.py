@@ -36,10 +36,11 @@ from tqdm import tqdm
 
 from fastclr import checkpoint as ckpt
 from fastclr import config as C
-from fastclr import dist, runtime
+from fastclr import dist, runtime, stopping
 from fastclr.models import convert_sync_bn
 from fastclr.runtime import UserError
 from fastclr.schedule import lr_at, scaled_lr
+from fastclr.stopping import Stopped
 from loaders.base import Batch
 
 LossFn = Callable[[nn.Module, Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -212,7 +213,10 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise UserError(f"fewer images than one global batch of {o.global_batch_size}: "
                             f"lower optim.global_batch_size")
-        self.total_steps = o.epochs * self.steps_per_epoch
+        # The schedule spans optim.epochs; run.max_steps only cuts the run short (a run resumed with a
+        # larger max_steps continues the same trajectory: max_steps is bookkeeping, fastclr.rundir).
+        self.schedule_steps = max(1, round(o.epochs * self.steps_per_epoch))
+        self.total_steps = self.schedule_steps
         if cfg.run.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.run.max_steps)
         self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
@@ -243,11 +247,11 @@ class Trainer:
 
     def lr(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based: the step about to be taken)."""
-        return lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps)
+        return lr_at(step, self.peak_lr, self.warmup_steps, self.schedule_steps)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _resume(self) -> None:
-        found = self.ckpts.load_resume()
+        found = self.run.resumed if self.run.resumed is not None else self.ckpts.load_resume()
         if found is None:
             if self.cfg.run.resume == "auto":
                 dist.print0(f"{self.prog}: run.resume=auto: no checkpoint in {self.run.out_dir}, "
@@ -256,8 +260,13 @@ class Trainer:
         path, state = found
         if self.task.load_fields is not None:
             self.task.load_fields(str(path), state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:  # another architecture or optimizer
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"{path} holds another network or optimizer than this run builds ({first}); "
+                            f"resume with the options it was made with") from None
         if self.lr_tensor is not None:  # the saved lr (a float, or another tensor) replaces ours: undo
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr_tensor
@@ -267,6 +276,14 @@ class Trainer:
                 m.load_state_dict(state[name])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
+        saved = state.get("loader")
+        if saved and hasattr(self.loader, "restore"):
+            if saved["world"] == self.run.world and saved["states"][self.run.rank] is not None:
+                self.loader.restore(saved["states"][self.run.rank])
+            else:
+                dist.print0(f"{self.prog}: {path} was written by {saved['world']} rank(s), this run has "
+                            f"{self.run.world}: the loader's own random state starts afresh (the sample order "
+                            f"stays exact)")
         dist.print0(f"{self.prog}: resumed from {path} at step {self.step}")
 
     def check_finite(self) -> None:
@@ -288,10 +305,20 @@ class Trainer:
         return {"model": weights, **fields, "step": self.step,
                 "epoch": self.step // self.steps_per_epoch, "config": C.to_dict(self.cfg)}
 
+    def _loader_states(self) -> dict | None:
+        """A loader that keeps random state of its own (DALI's pipeline): every rank's, for exact
+        resume (one gather at checkpoint time). None for the others (their streams are seeded)."""
+        if not hasattr(self.loader, "state"):
+            return None
+        mine = self.loader.state()
+        states = [mine] if self.run.world == 1 else dist.all_gather_objects(mine)
+        return {"world": self.run.world, "states": states}
+
     def save_checkpoint(self) -> None:
         tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    **{name: m.state_dict() for name, m in self.task.state.items()}}
-        self.ckpts.save(self.step, lambda: {**self.weights_state(), **tensors,
+        loader_states = self._loader_states()
+        self.ckpts.save(self.step, lambda: {**self.weights_state(), **tensors, "loader": loader_states,
                                             "scaler": self.step_fn.scaler.state_dict(),
                                             "step_in_epoch": self.step % self.steps_per_epoch,
                                             "rng": ckpt.rng_state()}, tensors)
@@ -358,10 +385,39 @@ class Trainer:
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.prog.replace(".py", ""), unit="step",
                         disable=not (dist.is_main() and run.progress), dynamic_ncols=True, mininterval=1.0)
         meter = runtime.StepMeter(self.run.device)  # sums on the device: read (a host sync) every log_every
-        first_loss = final_loss = None
-        evaluated_at = -1
+        self.first_loss = self.final_loss = None
+        self.evaluated_at = -1
         timed_first = self.compiled or self.graphs
         self.model.train()
+        stop = stopping.current()
+        with stop.loop() if stop is not None else contextlib.nullcontext():
+            self._loop(stop, meter, timed_first)
+            self.bar.close()
+            self.bar = None
+            if self.task.on_epoch_end is not None and self.evaluated_at != self.step:
+                self.check_finite()
+                self.task.on_epoch_end(math.ceil(self.step / self.steps_per_epoch), self.step)
+                self.save_checkpoint()
+        if stop is not None:  # from now on a signal stops the program at once: training is over
+            stop.finished, stop.step = True, self.step
+            stop.checkpoint = str(self.ckpts.last) if self.ckpts.last else None
+            if stop.requested is not None:  # it came while the last checkpoint was written
+                raise Stopped(stop.requested, self.step, stop.checkpoint, finished=True)
+        return {"step": self.step, "first_loss": self.first_loss, "final_loss": self.final_loss,
+                "bad_images_skipped": getattr(self.loader, "num_skipped", 0),
+                "checkpoint": str(self.ckpts.last) if self.ckpts.last else None}
+
+    def _stop_now(self, stop, logged: bool) -> bool:
+        """Whether to stop after this step: one rank, as soon as a signal came; several, when any rank
+        got one, decided together at a log step (the one collective beside the log's own sync)."""
+        stop.step = self.step
+        stop.checkpoint = str(self.ckpts.last) if self.ckpts.last else None
+        if self.run.world == 1:
+            return stop.requested is not None
+        return logged and dist.any_rank(stop.requested is not None)
+
+    def _loop(self, stop, meter, timed_first: bool) -> None:
+        o, run = self.cfg.optim, self.cfg.run
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             self.loader.set_epoch(epoch, start_step=skip * o.grad_accum)  # exact position after a resume
@@ -380,19 +436,18 @@ class Trainer:
                 meter.add(self.step, loss, **metrics)
                 self.bar.update(1)
                 if self.step % run.log_every == 0 or self.step == self.total_steps:
-                    final_loss = self._log(meter, epoch, lr)
-                    first_loss = final_loss if first_loss is None else first_loss
+                    self.final_loss = self._log(meter, epoch, lr)
+                    self.first_loss = self.final_loss if self.first_loss is None else self.first_loss
                 if self._after_step():
-                    evaluated_at = self.step
-        self.bar.close()
-        self.bar = None
-        if self.task.on_epoch_end is not None and evaluated_at != self.step:
-            self.check_finite()
-            self.task.on_epoch_end(math.ceil(self.step / self.steps_per_epoch), self.step)
-            self.save_checkpoint()
-        return {"step": self.step, "first_loss": first_loss, "final_loss": final_loss,
-                "bad_images_skipped": getattr(self.loader, "num_skipped", 0),
-                "checkpoint": str(self.ckpts.last) if self.ckpts.last else None}
+                    self.evaluated_at = self.step
+                if stop is not None and self._stop_now(stop, logged=self.step % run.log_every == 0):
+                    if self.ckpts.last is None or ckpt.path_for(self.run.out_dir, self.step) != self.ckpts.last:
+                        self.save_checkpoint()
+                    self.bar.close()
+                    why = stop.requested or "a signal on another rank"
+                    self.log.write(event="stopped", signal=why, step=self.step, checkpoint=str(self.ckpts.last))
+                    self.log.close()
+                    raise Stopped(why, self.step, str(self.ckpts.last))
 
     def finish(self, summary: dict[str, Any], message: str) -> int:
         """Write the ``done`` record, close the log, print ``message`` with where things are (rank 0)."""

@@ -33,7 +33,7 @@ from .augment.photometry import resolve_mode
 from .augment.spec import AugmentSpec
 from .config import LoaderConfig, parse_dtype
 from .sampling import check_batch_fits, shard_indices, steps_per_epoch
-from .sources.folders import list_image_folder, read_file_list
+from .sources.folders import list_image_folder, read_file_list, shown_name
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,8 @@ class BaseLoader:
             self.bad_files.append((path, reason))
             self.num_skipped += 1
             if self.num_skipped <= MAX_WARNINGS_PER_EPOCH:
-                log.warning("skipping unreadable image %s (%s); replaced by the next readable sample", path, reason)
+                log.warning("skipping unreadable image %s (%s); replaced by the next readable sample",
+                            shown_name(path), reason)
             elif self.num_skipped == MAX_WARNINGS_PER_EPOCH + 1:
                 log.warning("more unreadable images this epoch: counting them silently (loader.bad_files)")
 

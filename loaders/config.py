@@ -21,6 +21,14 @@ TORCH, DALI, FFCV = ("data.backend", ("torch",)), ("data.backend", ("dali",)), (
 SIMCLR = ("data.augment", ("simclr",))
 
 
+def _workers(cfg) -> Optional[str]:
+    """data.timeout's condition: the torch backend with DataLoader workers."""
+    if cfg.data.backend != "torch" or cfg.data.num_workers == 0:
+        return (f"applies only with --data.backend=torch and --data.num_workers > 0 (here {cfg.data.backend}, "
+                f"{cfg.data.num_workers} workers)")
+    return None
+
+
 @dataclass
 class DataConfig:
     """The ``data`` section every entry point shows in --help: what the user chooses. What the entry
@@ -29,8 +37,10 @@ class DataConfig:
     path: str = option("", "ImageFolder root (torch, dali) or .beton file (ffcv); empty = the Fashion-MNIST demo set")
     file_list: Optional[str] = option(None, "optional list file of images to use ('relpath [label]' per line)")
     augment: str = option("simclr", "augment recipe preset", ("simclr", "finetune", "eval"))
-    image_size: int = option(224, "output side of every view, pixels", ge=1)
+    image_size: int = option(224, "output side of every view, pixels", ge=1, le=4096)
     num_workers: int = option(2, "torch: DataLoader workers; dali: CPU threads; ffcv: workers", ge=0)
+    timeout: float = option(600.0, "torch backend: seconds to wait for a DataLoader worker's batch before the run "
+                            "stops naming the stalled loader (0 = wait forever)", ge=0, applies=lambda cfg: _workers(cfg))
     decode_device: str = option("cpu", "torch backend: decode JPEGs on cpu workers or cuda (nvJPEG)", ("cpu", "cuda"),
                                 applies=TORCH)
     photometry_device: str = option("auto", "where colour ops run: auto (the training device) or cpu", ("auto", "cpu"))

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 from .errors import EXIT_BAD_INPUT
 from .sources.checks import DaliChecker, _dali_available, check_file, dali_reason  # noqa: F401
 from .sources.files import atomic_write, write_list
-from .sources.folders import bad_name_reason, scan_image_folder
+from .sources.folders import scan_image_folder, shown_name
 
 def _pool(workers: int):
     """A process pool for ``workers`` > 1, else a no-op context giving None. forkserver, not fork: the
@@ -80,15 +80,14 @@ def validate(root: str, workers: int = 1, use_dali: Optional[bool] = None, progr
 
 def write_outputs(root: str, out: str, report: str, good, bad, warn) -> None:
     rel = lambda p: Path(os.path.relpath(p, root)).as_posix()  # noqa: E731
-    shown = lambda p: rel(p) if bad_name_reason(p) is None else repr(rel(p))  # noqa: E731  one line each
     # no comment lines in the list: DALI's own file_list reader would take them as files
     write_list([(rel(p), label) for p, label in good], out)
     with atomic_write(report) as f:
         f.write(f"# loaders.validate report for {os.path.abspath(root)}\n")
         f.write(f"# bad: {len(bad)} file(s), excluded from {out}\n")
-        f.writelines(f"{shown(p)}\t{reason}\n" for p, reason in sorted(bad.items()))
+        f.writelines(f"{shown_name(rel(p))}\t{reason}\n" for p, reason in sorted(bad.items()))
         f.write(f"# warnings: {len(warn)} file(s), readable and kept\n")
-        f.writelines(f"{shown(p)}\t{w}\n" for p, w in sorted(warn.items()))
+        f.writelines(f"{shown_name(rel(p))}\t{w}\n" for p, w in sorted(warn.items()))
 
 
 def main(argv=None) -> int:

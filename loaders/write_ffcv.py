@@ -37,7 +37,7 @@ import numpy as np
 
 from .sources import manifest
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED
-from .sources.folders import bad_name_reason, scan_image_folder
+from .sources.folders import scan_image_folder, shown_name
 from .sources.decode import read_rgb
 from .sources.files import atomic_write_text
 from .validate import check_file
@@ -214,7 +214,9 @@ def _page_size(shapes: List[Tuple[int, int]]) -> int:
     return size
 
 
-def _write_beton(tmp: str, good: List[Sample], shapes, opts: dict, error_log: str) -> None:
+def _write_beton(tmp: str, good: List[Sample], shapes, opts: dict, error_log: str,
+                 progress: bool = True) -> None:
+    import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -223,7 +225,11 @@ def _write_beton(tmp: str, good: List[Sample], shapes, opts: dict, error_log: st
                           compress_probability=opts["compress_probability"])
     writer = DatasetWriter(tmp, {"image": image, "label": IntField()}, page_size=_page_size(shapes),
                            num_workers=opts["workers"])
-    print("[2/2] write (FFCV DatasetWriter)", file=sys.stderr, flush=True)
+    if progress:
+        print("[2/2] write (FFCV DatasetWriter)", file=sys.stderr, flush=True)
+    # FFCV's writer draws its own bar (module-level tqdm) with no way to turn it off: --quiet replaces it
+    bar = ffcv.writer.tqdm
+    ffcv.writer.tqdm = bar if progress else (lambda *a, **k: bar(*a, **{**k, "disable": True}))
     try:
         writer.from_indexed_dataset(ValidatedImages(good, opts["max_resolution"], error_log),
                                     chunksize=opts["chunk_size"])
@@ -236,6 +242,8 @@ def _write_beton(tmp: str, good: List[Sample], shapes, opts: dict, error_log: st
                 except OSError:
                     pass
         raise
+    finally:
+        ffcv.writer.tqdm = bar
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: Optional[int] = 256,
@@ -299,13 +307,13 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: O
         if os.path.exists(stale):
             os.remove(stale)
     try:
-        _write_beton(tmp, good, shapes, opts, error_log)
+        _write_beton(tmp, good, shapes, opts, error_log, progress)
         if os.path.exists(error_log) and os.path.getsize(error_log):
             late = Path(error_log).read_text().splitlines()
             raise RuntimeError(f"{len(late)} image(s) passed validation but failed while writing "
                                f"(changed on disk?), e.g. {late[0]}; nothing written, rerun")
         atomic_write_text(skipped_path(out), "".join(
-            f"{rel(p) if bad_name_reason(p) is None else repr(rel(p))}\t{why}\n" for p, why in skipped))
+            f"{shown_name(rel(p))}\t{why}\n" for p, why in skipped))
         # The .beton appears complete or not at all, and never beside another conversion's manifest.
         manifest.write(out, info, tmp)
     except BaseException:
@@ -382,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processes for validation and writing (default: all cores)")
     run.add_argument("--chunk-size", type=int, default=100, help="images per writer work item (default 100)")
     run.add_argument("--dry-run", action="store_true", help="validate and report; write nothing")
-    run.add_argument("--quiet", action="store_true", help="no validation progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress bars (validation and FFCV's writer)")
     return p
 
 
@@ -401,7 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"write_ffcv: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     for path, why in s["skipped_files"][:10]:
-        print(f"skipped {path}: {why}", file=sys.stderr)
+        print(f"skipped {shown_name(path)}: {why}", file=sys.stderr)
     if s["skipped"] > 10:
         print(f"... and {s['skipped'] - 10} more", file=sys.stderr)
     if s["converted"]:

@@ -319,7 +319,7 @@ def test_ffcv_deps_are_read_from_setup_py(tmp_path):
 
 
 @pytest.mark.parametrize("script", [SUITE, CARRY, INSTALL, ROOT / "benchmarks" / "gpu" / "_lib.sh",
-                                    ROOT / "experiments" / "semisup.sh"],
+                                    ROOT / "experiments" / "semisup.sh", ROOT / "docs" / "slurm.sbatch"],
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:

@@ -25,7 +25,7 @@ def test_defaults_are_the_simclrv2_recipe():
     (["--optim.lr", "4.8"], "optim.lr", 4.8),
     (["--optim.lr=4"], "optim.lr", 4.0),                 # int -> float
     (["--optim.lr=none"], "optim.lr", None),              # Optional
-    (["--optim.epochs=100"], "optim.epochs", 100),
+    (["--optim.epochs=100"], "optim.epochs", 100.0),
     (["--data.blur=false"], "data.blur", False),
     (["--data.blur=0"], "data.blur", False),
     (["--model.cifar_stem=1"], "model.cifar_stem", True),
@@ -58,7 +58,7 @@ def test_unknown_key_is_one_line_error_with_suggestion(argv, needle):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--optim.epochs=1.5"], "--optim.epochs: expected int"),
+    (["--optim.grad_accum=1.5"], "--optim.grad_accum: expected int"),
     (["--optim.lr=fast"], "--optim.lr: expected float or none"),
     (["--data.blur=maybe"], "--data.blur: expected bool"),
     (["--data.backend=tensorflow"], "--data.backend: 'tensorflow' is not one of torch, dali, ffcv"),

@@ -8,7 +8,6 @@ frozen)."""
 import dataclasses
 import json
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 

@@ -218,5 +218,5 @@ def test_step_meter_window_means_and_non_finite_stop():
     assert m.read("p", None).loss == 5.0  # the window restarted
     m.add(3, torch.tensor(float("nan")), torch.tensor(0.0))
     m.add(4, torch.tensor(float("inf")), torch.tensor(0.0))
-    with pytest.raises(SystemExit, match=r"non-finite loss at step 3 \(lr 0\.75\).*ckpt_3\.pt"):
+    with pytest.raises(ck.NonFiniteState, match=r"non-finite loss at step 3 \(lr 0\.75\).*ckpt_3\.pt"):
         m.read("p", "ckpt_3.pt", lambda s: s / 4)

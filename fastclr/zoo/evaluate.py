@@ -30,7 +30,7 @@ class EvalImages(Dataset):
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         try:
-            view = tf_eval_view(read_rgb(path), self.size)
+            view = tf_eval_view(read_rgb(path, exif=False), self.size)  # TF's decode_jpeg ignores EXIF
         except Exception:  # noqa: BLE001  (a broken file: reported by name after the pass)
             return torch.zeros(3, self.size, self.size), -2, i
         return torch.from_numpy(view), label, i

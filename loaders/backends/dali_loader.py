@@ -44,6 +44,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Dict, List, Sequence
@@ -93,15 +94,20 @@ class _ShardSource:
         self.paths, self.labels, self.batch_size = paths, labels, batch_size
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dali-read")
         self.indices = np.zeros(0, np.int64)
-        self.steps, self.stop = 0, False
+        self.steps, self.stop, self.base = 0, False, None
         self.recent = collections.deque(maxlen=remember)  # index arrays in flight: for error messages
 
     def arm(self, indices: np.ndarray, steps: int) -> None:
         self.indices, self.steps, self.stop = np.asarray(indices, np.int64), steps, False
+        self.base = None
         self.recent.clear()
 
     def __call__(self, info):
-        i = info.iteration
+        # DALI's iteration counter: 0 at an epoch's start, or where a restored checkpoint left it (a
+        # resumed epoch). The first call after arm() is the first batch armed, whatever the count.
+        if self.base is None:
+            self.base = info.iteration
+        i = info.iteration - self.base
         if self.stop or i >= self.steps:
             raise StopIteration
         idx = self.indices[i * self.batch_size:(i + 1) * self.batch_size]
@@ -164,8 +170,21 @@ class DaliLoader(BaseLoader):
         self.pipe = None
         self._build()
 
+    # -- exact resume --------------------------------------------------------------------------------
+    def state(self) -> bytes | str | None:
+        """(bytes) The pipeline's random state after the batches yielded so far (DALI's checkpoint; the sample
+        order is the loader contract's, positioned by set_epoch)."""
+        return None if self.pipe is None else self.pipe.checkpoint()
+
+    def restore(self, state) -> None:
+        """Continue from a ``state()``: the next pass positioned by set_epoch draws what the run that
+        saved it drew next."""
+        self._open = False
+        self._build(checkpoint=state)
+
     # -- pipeline ---------------------------------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self, checkpoint: str | None = None) -> None:
+        """(Re)build the pipeline; ``checkpoint``: a ``state()`` of this loader to continue from."""
         cfg = self.cfg
         decoder_kw = {}
         if self.gpu:
@@ -178,8 +197,13 @@ class DaliLoader(BaseLoader):
             batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
             device_id=self.device.index if self.gpu else None,  # None: CPU-only pipeline, no CUDA needed
             seed=_seed(cfg.seed, 0, self.rank, _DALI_STREAM, bits=31),
-            prefetch_queue_depth=max(1, cfg.dali_prefetch))
-        self.pipe.build()
+            prefetch_queue_depth=max(1, cfg.dali_prefetch),
+            # DALI's random ops keep their RNG inside the pipeline: its checkpoint carries it, so a
+            # resumed run draws the crops, flips and colours of the uninterrupted one.
+            enable_checkpointing=True, checkpoint=checkpoint)
+        with warnings.catch_warnings():  # our source is re-armed by position on resume (state/restore)
+            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+            self.pipe.build()
         self._open = False
 
     def _end_epoch(self) -> None:

@@ -65,6 +65,7 @@ from ..augment.spec import AugmentSpec
 from ..base import Batch, BaseLoader
 from ..config import LoaderConfig
 from ..sampling import colour_generator, epoch_seed
+from ..sources import manifest
 
 log = logging.getLogger(__name__)
 _U64 = np.uint64
@@ -318,6 +319,11 @@ class FFCVLoader(BaseLoader):
         if cfg.ffcv_order not in ("random", "quasi_random"):
             raise ValueError(f"data.ffcv_order must be random or quasi_random, got {cfg.ffcv_order!r}")
         super().__init__(cfg, spec, rank, world_size, device)
+        if manifest.manifest_path(cfg.path).is_file():  # a manifest of another conversion: refuse, by name
+            try:
+                manifest.read(cfg.path)
+            except manifest.ManifestError as e:
+                raise ValueError(str(e)) from None
         total = num_samples(cfg.path)
         if cfg.file_list:
             from ..subsets import beton_indices

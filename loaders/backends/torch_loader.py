@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -47,7 +48,7 @@ from ..base import Batch, BaseLoader, resolve_samples
 from ..config import LoaderConfig
 from ..errors import DataError
 from ..sampling import colour_generator, geometry_rng, shard_indices
-from ..sources.decode import cv2, decode_rgb
+from ..sources.decode import cv2, decode_rgb, exif_turned
 
 # ----------------------------------------------------------------------------------------------
 # Decoding (worker side)
@@ -56,8 +57,8 @@ from ..sources.decode import cv2, decode_rgb
 def _is_plain_jpeg(data: bytes) -> Tuple[bool, Optional[Tuple[int, int]]]:
     """(nvJPEG can take it, (height, width)) from the header alone: a JPEG (SOI ... EOI) in RGB or
     grayscale. Anything else - PNG, CMYK, truncated (no EOI) - goes to the CPU decoder."""
-    if len(data) < 4 or data[:2] != b"\xff\xd8" or b"\xff\xd9" not in data[-64:]:
-        return False, None
+    if len(data) < 4 or data[:2] != b"\xff\xd8" or b"\xff\xd9" not in data[-64:] or exif_turned(data):
+        return False, None  # (an EXIF-turned JPEG too: the CPU decoder turns it, as every backend does)
     try:
         from PIL import Image
         with Image.open(io.BytesIO(data)) as im:
@@ -230,6 +231,11 @@ def _shared_views(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _worker_init(_):
+    # A signal to the process group (Ctrl-C, a scheduler's SIGTERM) reaches the workers too: the main
+    # process decides what it means (fastclr.stopping: finish the step, checkpoint, stop), so a worker
+    # must not die of it and leave the main process a broken DataLoader.
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     # One thread per worker: the parallelism is the worker count (2 cores -> 2 workers).
     torch.set_num_threads(1)
     if cv2 is not None:
@@ -293,7 +299,8 @@ class TorchLoader(BaseLoader):
             self._dl = torch.utils.data.DataLoader(
                 self.dataset, batch_size=None, sampler=self._sampler, num_workers=w,
                 pin_memory=pin, worker_init_fn=_worker_init if w > 0 else None,
-                persistent_workers=w > 0, prefetch_factor=2 if w > 0 else None)
+                persistent_workers=w > 0, prefetch_factor=2 if w > 0 else None,
+                timeout=float(self.cfg.timeout) if w > 0 else 0)  # a stalled worker: an error, not a hang
         return self._dl
 
     # -- iteration ---------------------------------------------------------------------------

@@ -45,6 +45,11 @@ def bad_name_reason(name: str) -> Optional[str]:
     return None
 
 
+def shown_name(name: str) -> str:
+    """A file name for one line of output: as it is, or quoted with its line breaks escaped."""
+    return name if bad_name_reason(name) is None else repr(name)
+
+
 class FolderScan(NamedTuple):
     samples: List[Tuple[str, int]]   # (absolute path, label), sorted by class then folder then name
     classes: List[str]
