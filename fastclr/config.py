@@ -119,12 +119,23 @@ class BaseRunConfig:
     progress: bool = option(True, "show a progress bar")
 
 
+ONLINE = ("run.knn_every", lambda v: v > 0, " > 0")
+
+
 @dataclass
 class RunConfig(BaseRunConfig):
-    knn_eval: bool = option(True, "k-NN top-1 on the val set at the end (trained vs random init)")
-    val_path: str = option("", "val ImageFolder for k-NN (empty: the demo val set when data.path is empty)")
-    knn_train_size: int = option(10000, "k-NN: train images in the feature bank (class-balanced subset)", ge=1)
-    knn_val_size: int = option(2000, "k-NN: val images scored", ge=1)
+    knn_eval: bool = option(True, "k-NN top-1 on the val set at the end (trained vs random init vs raw pixels)")
+    val_path: str = option("", "labelled val ImageFolder (root/<class>/<image>) for the k-NN checks (empty: the "
+                           "demo val set when data.path is empty, else no k-NN)")
+    knn_bank: str = option("train", "where the k-NN's labelled feature bank comes from: train = data.path's class "
+                           "folders; val = a class-balanced part of run.val_path, scored on the rest (for data "
+                           "without labels, or a .beton)", ("train", "val"))
+    knn_train_size: int = option(10000, "k-NN at the end: images in the feature bank (class-balanced subset)", ge=1)
+    knn_val_size: int = option(2000, "k-NN at the end: val images scored", ge=1)
+    knn_every: float = option(1.0, "epochs between online k-NN checks while pretraining runs (eval records in "
+                              "log.jsonl, TensorBoard and fastclr.plot; 0 = none)", ge=0)
+    knn_online_train_size: int = option(2000, "online k-NN: images in the feature bank", ge=1, applies=ONLINE)
+    knn_online_val_size: int = option(1000, "online k-NN: val images scored", ge=1, applies=ONLINE)
     probe_labels_per_class: int = option(60, "linear probe at the end: labelled bank images per class (60 = "
                                          "1 % of Fashion-MNIST's train labels; 0 = no probe)", ge=0)
 

@@ -9,10 +9,13 @@ Loss (SimCLRv2 Eq. 3/4, tau^2-scaled as the official colab's add_kd_loss, see fa
 ``(1 - alpha) * tau^2 * CE(softmax(teacher / tau), softmax(student / tau)) + alpha * CE(student, label)``.
 The teacher (a finetune.py / distill.py checkpoint, or a released fine-tuned model converted by
 ``python -m fastclr.zoo convert``) runs in eval mode without gradients, channels_last, in bf16 on GPU
-(fp32 on CPU) and compiled where the student is (``model.compile``: on a GPU by default); teacher and student see the same augmented view of each image (one view, the
-``finetune`` recipe: crop + flip). Every train image is used and its label ignored, except with
-``distill.alpha > 0``: then the images of the labelled subset (``subset.list`` / ``subset.fraction``,
-the one the teacher was fine-tuned on) add the cross-entropy term.
+(fp32 on CPU) and compiled where the student is (``model.compile``: on a GPU by default); teacher and
+student see the same augmented view of each image (one view, the
+``finetune`` recipe: crop + flip). Every train image is used and its label ignored, so data.path may
+be a folder in any layout (flat, nested, class folders whose names are not used) and the classes are
+the teacher's; except with ``distill.alpha > 0``: then the images of the labelled subset
+(``subset.list`` / ``subset.fraction``, the one the teacher was fine-tuned on) add the cross-entropy
+term, and data.path needs class folders.
 
 The student is the ``model.*`` architecture from scratch, the teacher's architecture
 (``distill.student=teacher``: self-distillation), or the architecture of its own pretrain checkpoint
@@ -123,6 +126,32 @@ def main(argv=None) -> int:
     return runtime.run_entry(PROG, DistillConfig, presets.DISTILL, __doc__, train, argv)
 
 
+def teacher_classes(t_file: str, t_state: dict, train_path: str, labels: bool) -> list[str]:
+    """The student's classes: the teacher's. Without labels (distill.alpha = 0) the training images may be
+    in any layout and only the teacher's class names matter (a teacher that records none takes the
+    training folder's class folders, or is named by output index). With labels the training folder's
+    class folders must be the teacher's classes."""
+    names = list(t_state.get("classes") or t_state.get("class_names") or [])
+    n = int(t_state["arch"]["num_classes"])
+    if not labels and names:
+        return names
+    try:
+        folders = dataset_classes(train_path)
+    except UserError:
+        if labels:
+            raise UserError(f"distill.alpha > 0 labels images by the class folders of data.path, and {train_path} has "
+                            f"none (expected root/<class>/<image>)") from None
+        return [str(i) for i in range(n)]
+    if not labels and len(folders) != n:
+        return [str(i) for i in range(n)]
+    if names and names != folders:
+        raise UserError(f"the teacher {t_file} was trained on other classes than those of {train_path}")
+    if n != len(folders):
+        raise UserError(f"the teacher {t_file} has {n} outputs but {train_path} has {len(folders)} class folders "
+                        f"(labels are the sorted folder names)")
+    return folders
+
+
 def train(cfg: DistillConfig) -> int:
     # ------------------------------------------------------------------ setup
     d = cfg.distill
@@ -136,12 +165,7 @@ def train(cfg: DistillConfig) -> int:
 
     # ------------------------------------------------------------------ teacher
     t_file, teacher, t_state = load_classifier(cfg.teacher)
-    classes = dataset_classes(run.train_path)
-    if list(t_state.get("classes") or classes) != list(classes):
-        raise UserError(f"the teacher {t_file} was trained on other classes than those of {run.train_path}")
-    if int(t_state["arch"]["num_classes"]) != len(classes):
-        raise UserError(f"the teacher {t_file} has {t_state['arch']['num_classes']} outputs but {run.train_path} "
-                        f"has {len(classes)} class folders (labels are the sorted folder names)")
+    classes = teacher_classes(t_file, t_state, run.train_path, labels=d.alpha > 0)
     teacher = teacher.to(device).eval().requires_grad_(False)
     if cfg.model.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
@@ -173,7 +197,9 @@ def train(cfg: DistillConfig) -> int:
     # ------------------------------------------------------------------ data: every train image
     # (a data.file_list restricts the unlabeled set: the loader is checked to apply it)
     n_listed = count_list(cfg.data.file_list) if cfg.data.file_list else None
-    loader = train_loader(cfg, run, cfg.data.file_list, n_listed)
+    loader = train_loader(cfg, run, cfg.data.file_list, n_listed, labels=d.alpha > 0)
+    if loader.listing_note:
+        dist.print0(f"{PROG}: {loader.listing_note}")
     vloader = val_loader(cfg, run, classes)
 
     labels_of = None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import os
+import random
+import time
 from typing import Dict, Optional
 
 import numpy as np
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 import loaders
 from loaders.config import loader_config
 from fastclr.metrics import extract
+from loaders.sources.files import atomic_write_text, count_list, read_list
 from loaders.sources.folders import list_image_folder
 
 
@@ -64,19 +67,74 @@ def first_per_class(labels: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([torch.nonzero(labels == c).flatten()[:n] for c in labels.unique()])
 
 
-def balanced_list(root: str, n: int, seed: int, out_path: str) -> str:
-    """Write a 'relpath label' list of up to n images of root, class-balanced, seeded."""
+def balanced_list(root: str, n: int, seed: int, out_path: str, exclude: frozenset = frozenset()) -> str:
+    """Write a 'relpath label' list of up to n images of root (not in ``exclude``: relpaths), class-
+    balanced, seeded."""
     samples, _ = list_image_folder(root)
+    samples = [s for s in samples if os.path.relpath(s[0], root) not in exclude]
     labels = np.array([lab for _, lab in samples])
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     per = max(1, n // len(classes))
     keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes])
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as fh:
-        for i in sorted(keep):
-            fh.write(f"{os.path.relpath(samples[i][0], root)} {samples[i][1]}\n")
+    atomic_write_text(out_path, "".join(f"{os.path.relpath(samples[i][0], root)} {samples[i][1]}\n"
+                                        for i in sorted(keep)))
     return out_path
+
+
+class KnnProbe:
+    """The k-NN probe's images, chosen once: a class-balanced bank of ``bank_size`` images and up to
+    ``query_size`` scored images of ``val_path``. The bank comes from the training folder
+    (``run.knn_bank=train``: its class folders label it) or from ``val_path`` itself
+    (``run.knn_bank=val``: for training data without labels; bank and queries are then disjoint).
+    The lists are written to ``out_dir/knn_<tag>_{bank,val}.txt``; ``top1(net)`` scores a backbone."""
+
+    def __init__(self, cfg, train_path: str, val_path: str, bank_size: int, query_size: int, tag: str, device,
+                 dtype):
+        run = cfg.run
+        bank_root = train_path if run.knn_bank == "train" else val_path
+        if run.knn_bank == "val":  # at most half of the val images, so that the other half is scored
+            bank_size = min(bank_size, len(list_image_folder(val_path)[0]) // 2)
+        self.bank = (bank_root, balanced_list(bank_root, bank_size, run.seed,
+                                              os.path.join(run.out_dir, f"knn_{tag}_bank.txt")))
+        taken = frozenset(rel for rel, _ in read_list(self.bank[1])) if run.knn_bank == "val" else frozenset()
+        self.queries = (val_path, balanced_list(val_path, query_size, run.seed + (run.knn_bank == "val"),
+                                                os.path.join(run.out_dir, f"knn_{tag}_val.txt"), exclude=taken))
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.loaders = [self._loader(*where) for where in (self.bank, self.queries)]
+
+    def _loader(self, path: str, file_list: str):
+        c = loader_config(self.cfg.data, path=path, file_list=file_list, augment="eval", backend="torch",
+                          train=False, batch_size=max(1, min(256, count_list(file_list))), dtype="float32")
+        return loaders.build(c, rank=0, world_size=1, device=self.device)
+
+    def features(self, net):
+        """((bank features, labels), (query features, labels)) of a backbone (None: raw pixels)."""
+        if net is not None:
+            net.eval()
+        return [extract(net, ld, self.device, self.dtype, self.cfg.model.channels_last) for ld in self.loaders]
+
+    def top1(self, net) -> float:
+        """k-NN top-1 (a fraction) of ``net``'s L2-normalized features; the network is left in eval mode."""
+        (tf, ty), (vf, vy) = self.features(net)
+        return knn_top1(F.normalize(tf, dim=1), ty, F.normalize(vf, dim=1), vy)
+
+
+def online_knn(probe: KnnProbe, backbone):
+    """The trainer's monitor while pretraining runs (rank 0): the k-NN top-1 of the current backbone as an
+    ``eval`` record (``top1`` in %, like the classifiers' val top-1). The RNG streams are left as they
+    were, so a run with the monitor trains exactly like one without it."""
+    def monitor(step: int) -> dict:
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            state = (random.getstate(), np.random.get_state())
+            top1 = probe.top1(backbone)
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+        backbone.train()
+        return {"metric": "k-NN", "top1": round(100 * top1, 3), "knn_bank": len(probe.loaders[0].samples),
+                "val_images": len(probe.loaders[1].samples), "seconds": round(time.perf_counter() - t0, 2)}
+    return monitor
 
 
 def knn_report(backbone, init_state: Optional[Dict[str, torch.Tensor]], train_path: str, val_path: str, cfg,
@@ -86,21 +144,12 @@ def knn_report(backbone, init_state: Optional[Dict[str, torch.Tensor]], train_pa
     if not dist.is_main():
         return {}
     run = cfg.run
-    lists = {split: balanced_list(path, n, cfg.run.seed, os.path.join(run.out_dir, f"knn_{split}.txt"))
-             for split, path, n in (("train", train_path, run.knn_train_size), ("val", val_path, run.knn_val_size))}
-
-    def loader_for(split, path):
-        c = loader_config(cfg.data, path=path, file_list=lists[split], augment="eval", backend="torch",
-                          train=False, batch_size=256, dtype="float32")
-        return loaders.build(c, rank=0, world_size=1, device=device)
+    probe = KnnProbe(cfg, train_path, val_path, run.knn_train_size, run.knn_val_size, "final", device, dtype)
 
     def score(net, name):
         """k-NN top-1 of a backbone's features (None: the raw pixels), L2-normalized (cosine), and the
         linear probe on the first ``run.probe_labels_per_class`` bank images of every class."""
-        if net is not None:
-            net.eval()
-        (tf, ty), (vf, vy) = (extract(net, loader_for(split, path), device, dtype, cfg.model.channels_last)
-                              for split, path in (("train", train_path), ("val", val_path)))
+        (tf, ty), (vf, vy) = probe.features(net)
         out[f"knn_top1{name}"] = knn_top1(F.normalize(tf, dim=1), ty, F.normalize(vf, dim=1), vy)
         if run.probe_labels_per_class:
             few = first_per_class(ty, run.probe_labels_per_class)

@@ -28,7 +28,10 @@ def dataset_classes(path: str) -> list[str]:
             return subsets.read_manifest(path)[1]
         except subsets.SubsetError as e:
             raise UserError(str(e)) from None
-    return find_classes(path)
+    try:
+        return find_classes(path)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
 
 
 def resolve_subset_list(name: str) -> str:
@@ -99,11 +102,13 @@ def check_subset_honoured(loader, n_images: int | None, world: int, per_rank: in
                         f"expected {expected} for {n_images} images): use data.backend=torch")
 
 
-def train_loader(cfg, run: runtime.Run, file_list: str | None = None, n_images: int | None = None):
+def train_loader(cfg, run: runtime.Run, file_list: str | None = None, n_images: int | None = None,
+                 labels: bool = True):
     """The training loader of a finetune / distill / linear-eval run over ``file_list`` (None: every
-    image of the train path), checked to honour the list."""
+    image of the train path), checked to honour the list. ``labels=False`` (distillation without the
+    labelled term): any folder layout, every label -1."""
     data_cfg = loader_config(cfg.data, path=run.train_path, file_list=file_list, batch_size=run.per_rank,
-                             train=True, seed=cfg.run.seed, dtype=runtime.dtype_name(run.dtype))
+                             train=True, seed=cfg.run.seed, dtype=runtime.dtype_name(run.dtype), labels=labels)
     loader = build_loader(data_cfg, run.rank, run.world, run.device)
     check_subset_honoured(loader, n_images, run.world, run.per_rank, cfg.data.backend)
     return loader

@@ -97,7 +97,26 @@ def run_entry(prog: str, cls, presets, description: str, fn, argv=None, demo_pre
     finally:
         warnings.formatwarning = plain
         release_lock()
+        end_loader_workers()
         dist.cleanup()
+
+
+def end_loader_workers() -> None:
+    """End the DataLoader workers still alive when a run is over (a loader whose last pass was not read
+    to its end). They ignore SIGTERM (fastclr.stopping: the main process decides what a signal means),
+    which is what the interpreter's exit sends them: without this the exit would wait on them forever.
+    torch's SIGCHLD check is turned off first, so their end is not reported as a failure."""
+    import multiprocessing
+    import signal
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
 
 
 def loader_failure(e: BaseException) -> str | None:
@@ -185,7 +204,7 @@ def resolve_data_path(path: str, backend: str, val_path: str = "") -> Tuple[str,
             if not p.is_file():
                 raise UserError(f"data.path {path!r} is not a .beton file (write one with python -m loaders.write_ffcv)")
         elif not p.is_dir():
-            raise UserError(f"data.path {path!r} is not a folder (expected an ImageFolder: root/<class>/<image>)")
+            raise UserError(f"data.path {path!r} is not a folder of images")
         if val_path and not Path(val_path).exists():
             raise UserError(f"run.val_path {val_path!r} does not exist")
         return path, val_path, False
@@ -208,6 +227,10 @@ TENSORBOARD_HINT = "pip install 'fastclr[tensorboard]'"
 def summary_writer_class():
     """torch's TensorBoard SummaryWriter; a one-line UserError naming the extra when the tensorboard
     package is missing."""
+    # TensorBoard imports TensorFlow when it is installed (fastclr[tf]); Triton (loaded by torch._dynamo)
+    # must be loaded first, or the two LLVM copies collide and the process dies with a segmentation fault.
+    import torch._dynamo  # noqa: F401
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # and TensorFlow's C++ start-up lines are not ours to show
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

@@ -58,6 +58,10 @@ class Task:
     load_fields: Callable[[str, dict], None] | None = None  # (path, resumed state): restore / check them
     on_epoch_end: Callable[[int, int], None] | None = None  # (epochs done, step): e.g. val evaluation
     eval_every: int = 0                  # epochs between on_epoch_end calls; 0 = only at the end
+    # (step) -> {name: value} on rank 0 every monitor_every steps, logged as an ``eval`` record while
+    # training runs (pretraining's online k-NN); the other ranks wait for it
+    monitor: Callable[[int], dict] | None = None
+    monitor_every: int = 0
     # model state_dict -> what best.pt-style files hold as "model" (checkpoints keep the trained state):
     # e.g. the linear layer trained on cached features, saved as the whole classifier it belongs to
     export_weights: Callable[[dict], dict] | None = None
@@ -244,6 +248,7 @@ class Trainer:
         self.step = 0
         self.log = runtime.RunLog(run.out_dir, tensorboard=cfg.run.tensorboard)
         self.bar = None  # the progress bar, while fit() runs
+        self.monitor_seconds = 0.0  # spent in the task's monitor (rank 0)
 
     def lr(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based: the step about to be taken)."""
@@ -355,6 +360,8 @@ class Trainer:
         ckpt_every steps and at the end. Returns whether the task evaluated."""
         epochs_done, at_epoch_end = divmod(self.step, self.steps_per_epoch)
         t = self.task
+        if t.monitor is not None and t.monitor_every > 0 and self.step % t.monitor_every == 0:
+            self._monitor()
         periodic = self.step % self.cfg.run.ckpt_every == 0 or self.step == self.total_steps
         if t.on_epoch_end is not None and at_epoch_end == 0 and t.eval_every > 0 and epochs_done % t.eval_every == 0:
             self.check_finite()
@@ -364,6 +371,17 @@ class Trainer:
         if periodic:
             self.save_checkpoint()
         return False
+
+    def _monitor(self) -> None:
+        """The task's monitor on rank 0, its numbers as an ``eval`` record and one line; the others wait."""
+        if dist.is_main():
+            record = self.task.monitor(self.step)
+            self.monitor_seconds += record.get("seconds", 0.0)
+            epoch = round(self.step / self.steps_per_epoch, 3)
+            self.log.write(event="eval", step=self.step, epoch=epoch, **record)
+            self.say(f"{self.prog}: step {self.step} (epoch {epoch:g}): {record.get('metric', 'val')} top-1 "
+                     f"{record['top1']:.2f}% ({record.get('seconds', 0.0):.1f} s)")
+        dist.barrier()
 
     def _first_step_done(self, t_step: float) -> None:
         """The first step pays for torch.compile (inductor's disk cache makes later runs cheaper): one

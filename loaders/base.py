@@ -33,7 +33,7 @@ from .augment.photometry import resolve_mode
 from .augment.spec import AugmentSpec
 from .config import LoaderConfig, parse_dtype
 from .sampling import check_batch_fits, shard_indices, steps_per_epoch
-from .sources.folders import list_image_folder, read_file_list, shown_name
+from .sources.folders import list_image_folder, list_images, read_file_list, shown_name
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +47,30 @@ class Batch(NamedTuple):
 MAX_WARNINGS_PER_EPOCH = 5   # bad files named in the log per pass; the rest only counted
 
 
-def resolve_samples(cfg: LoaderConfig) -> Tuple[List[Tuple[str, int]], List[str], str]:
-    """(samples [(path, label)], classes, root) of ``cfg.path`` (an ImageFolder; empty = the embedded
-    demo set, its train or val half by ``cfg.train``), restricted to ``cfg.file_list`` if given."""
+class Listing(NamedTuple):
+    samples: List[Tuple[str, int]]   # (absolute path, label; -1 = no label)
+    classes: List[str]               # sorted class folder names; [] without labels
+    root: str
+    note: str                        # without labels: one line on what was found and left out
+
+
+def resolve_samples(cfg: LoaderConfig) -> Listing:
+    """The images of ``cfg.path`` (empty = the embedded demo set, its train or val half by
+    ``cfg.train``), restricted to ``cfg.file_list`` if given. With ``cfg.labels`` the path is an
+    ImageFolder (labels: the sorted class folder names); without, a folder in any layout whose images
+    are all listed with label -1 (``sources.folders.scan_images``), and no classes."""
     from .demo_data import resolve
     root = resolve(cfg.path, "train" if cfg.train else "val")
+    note = ""
     if cfg.file_list:
-        samples, classes = read_file_list(cfg.file_list, root)
-    else:
+        samples, classes = read_file_list(cfg.file_list, root, labels=cfg.labels)
+        if not cfg.labels:
+            note = f"{len(samples)} images listed in {cfg.file_list} (no labels)"
+    elif cfg.labels:
         samples, classes = list_image_folder(root)
-    return samples, classes, root
+    else:
+        (samples, note), classes = list_images(root), []
+    return Listing(samples, classes, root, note)
 
 
 class BaseLoader:
@@ -65,6 +79,7 @@ class BaseLoader:
     that sets ``last_indices`` (and ``last_used_indices`` if it replaces bad files) per batch."""
 
     num_samples: int = 0
+    listing_note: str = ""   # data without labels: what was found and left out (one line for the user)
 
     def __init__(self, cfg: LoaderConfig, spec: AugmentSpec, rank: int = 0, world_size: int = 1, device="cpu"):
         if not 0 <= rank < world_size:

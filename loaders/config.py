@@ -34,7 +34,9 @@ class DataConfig:
     """The ``data`` section every entry point shows in --help: what the user chooses. What the entry
     point derives (images per rank, shuffling, seed, dtype) is not here: see LoaderConfig."""
     backend: str = option("torch", "data backend", ("torch", "dali", "ffcv"))
-    path: str = option("", "ImageFolder root (torch, dali) or .beton file (ffcv); empty = the Fashion-MNIST demo set")
+    path: str = option("", "image folder (torch, dali): any layout to pretrain or distill on, class folders "
+                       "root/<class>/<image> where labels are needed; or a .beton file (ffcv); empty = the "
+                       "Fashion-MNIST demo set")
     file_list: Optional[str] = option(None, "optional list file of images to use ('relpath [label]' per line)")
     augment: str = option("simclr", "augment recipe preset", ("simclr", "finetune", "eval"))
     image_size: int = option(224, "output side of every view, pixels", ge=1, le=4096)
@@ -83,13 +85,14 @@ class LoaderConfig(DataConfig):
     train: bool = True             # shuffle and drop the last partial batch (False: in order, all)
     seed: int = 0                  # base seed; per-rank, per-epoch and per-batch streams derive from it
     dtype: str = "float32"         # dtype of the views
+    labels: bool = True            # path must be class folders (False: any layout, every label -1)
 
 
-DERIVED = ("batch_size", "train", "seed", "dtype")
+DERIVED = ("batch_size", "train", "seed", "dtype", "labels")
 
 
 def loader_config(data: DataConfig, *, batch_size: int, train: bool = True, seed: int = 0,
-                  dtype: str = "float32", **recipe) -> LoaderConfig:
+                  dtype: str = "float32", labels: bool = True, **recipe) -> LoaderConfig:
     """The build arguments of ``data`` with the derived fields. ``recipe``: the fields an evaluation
     loader sets for itself (path, file_list, augment, backend: the val set, centre crops, the torch
     backend), never the training loader's."""
@@ -97,7 +100,8 @@ def loader_config(data: DataConfig, *, batch_size: int, train: bool = True, seed
     if bad:
         raise TypeError(f"loader_config: {bad} are user options, not derived values")
     fields = {f.name: vars(data)[f.name] for f in dataclasses.fields(DataConfig)}  # a copy, not a use
-    return LoaderConfig(**{**fields, **recipe}, batch_size=batch_size, train=train, seed=seed, dtype=dtype)
+    return LoaderConfig(**{**fields, **recipe}, batch_size=batch_size, train=train, seed=seed, dtype=dtype,
+                        labels=labels)
 
 
 # The names fastclr accepts for a tensor dtype (run.precision, a loader's dtype), and the canonical one.

@@ -4,6 +4,7 @@
     python -m loaders.write_ffcv ~/imagenet/train train_1pct.beton --subset 1percent.txt
     python -m loaders.write_ffcv ~/imagenet/train tiny.beton --fraction 0.01 --seed 0
     python -m loaders.write_ffcv ~/imagenet/val val_256.beton --dry-run           # check only
+    python -m loaders.write_ffcv ~/photos photos.beton --unlabeled                # any layout, no labels
 
 Two phases, one progress bar each:
   1. validate: every selected image is opened and fully decoded (in parallel). Unreadable files
@@ -19,7 +20,10 @@ Outputs, for OUT = ``name.beton``:
   name.skipped.txt         ``relative/path<TAB>reason`` for every skipped file (always written)
 
 Labels use the one mapping of every fastclr backend: sorted class folder names
-(``loaders.sources.folders.list_image_folder``). ImageNet's val/ must first be sorted into class folders
+(``loaders.sources.folders.list_image_folder``). ``--unlabeled`` lists every image of SRC in any layout
+(``scan_images``: flat, nested, or class folders whose names are not used) and writes label -1 for each;
+the manifest says ``"labeled": false`` and has no classes, and only pretraining and distillation
+accept it. ImageNet's val/ must first be sorted into class folders
 (see the README). Exit status: 0 written, 2 bad input (no valid image, a bad selection), 1 writing failed.
 """
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 
 from .sources import manifest
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED
-from .sources.folders import scan_image_folder, shown_name
+from .sources.folders import scan_image_folder, scan_images, shown_name
 from .sources.decode import read_rgb
 from .sources.files import atomic_write_text
 from .validate import check_file
@@ -250,7 +254,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: O
             jpeg_quality: int = 90, write_mode: str = "smart", smart_threshold: int = 120_000,
             compress_probability: float = 0.5, workers: Optional[int] = None, chunk_size: int = 100,
             subset: Optional[str] = None, fraction: Optional[float] = None, seed: int = 0,
-            limit: Optional[int] = None, dry_run: bool = False, progress: bool = True) -> dict:
+            limit: Optional[int] = None, dry_run: bool = False, progress: bool = True,
+            labeled: bool = True) -> dict:
     """Convert the ImageFolder ``src`` to ``out`` (.beton). Returns a summary dict:
     ``written, skipped, selected, classes, out, manifest, skipped_report, seconds, dry_run``.
     Raises ValueError for bad selections and RuntimeError when no valid image remains or the
@@ -265,7 +270,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: O
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     max_resolution = max_resolution or None  # 0 -> keep the original size
 
-    samples, classes, refused = scan_image_folder(src)
+    if labeled:
+        samples, classes, refused = scan_image_folder(src)
+    else:
+        if subset or fraction is not None:
+            raise ValueError("--subset and --fraction pick images by class: --unlabeled data has none (use --limit)")
+        scan = scan_images(src)
+        samples, classes = [(path, -1) for path in scan.paths], []
+        refused = [(path, why) for path, why in scan.left_out if not why.startswith("symlink")]
     if not samples and not refused:
         raise FileNotFoundError(f"no images under {src}")
     samples = select(src, samples, subset, fraction, seed, limit)
@@ -294,7 +306,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, max_resolution: O
         raise RuntimeError(f"FFCV is not importable ({e}); install: pip install 'fastclr[ffcv]'") from e
     info = dict(format=MANIFEST_FORMAT, fastclr_version=_dist_version("fastclr"),
                     ffcv_version=_dist_version("ffcv"), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    source_root=src,
+                    source_root=src, labeled=labeled,
                     fields={"image": "RGBImageField", "label": "IntField"}, options=opts,
                     num_images=len(good), num_skipped=len(skipped), classes=classes,
                     class_counts={c: counts.get(i, 0) for i, c in enumerate(classes)},
@@ -361,9 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Size: raw stores H*W*3 bytes per image (172 KB at 256x224); JPEG at quality 90 is "
                "typically 5-10x smaller but costs a decode per image at load time. Estimate for ImageNet "
                "train at 256 px: ~220 GB raw, ~20-30 GB jpg.")
-    p.add_argument("src", help="ImageFolder root: SRC/<class>/<image>, e.g. imagenet/train")
+    p.add_argument("src", help="ImageFolder root: SRC/<class>/<image>, e.g. imagenet/train (any layout with "
+                   "--unlabeled)")
     p.add_argument("out", help="output file, e.g. train_256.beton (manifest and skipped list go beside it)")
     sel = p.add_argument_group("selection (default: every image)")
+    sel.add_argument("--unlabeled", action="store_true",
+                     help="data without labels: every image of SRC at any depth (flat, nested, or class folders "
+                          "whose names are not used), label -1; for pretraining and distillation")
     sel.add_argument("--subset", metavar="FILE", help="keep the files named in FILE, one file name per line "
                      "(the official SimCLR 1%%/10%% lists: n04235860_14959.JPEG); unknown names are an error")
     sel.add_argument("--fraction", type=float, metavar="F",
@@ -401,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     write_mode=args.write_mode, smart_threshold=args.smart_threshold,
                     compress_probability=args.compress_probability, workers=args.workers,
                     chunk_size=args.chunk_size, subset=args.subset, fraction=args.fraction, seed=args.seed,
-                    limit=args.limit, dry_run=args.dry_run, progress=not args.quiet)
+                    limit=args.limit, dry_run=args.dry_run, progress=not args.quiet, labeled=not args.unlabeled)
     except (ValueError, FileNotFoundError) as e:  # bad selection, no valid image, unusable list
         print(f"write_ffcv: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -415,11 +431,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if s["converted"]:
         print(f"{s['converted']} readable odd files (CMYK, gray, PNG named .JPEG...) are converted to RGB; "
               f"see 'notes' in the manifest", file=sys.stderr)
+    classes = "no labels" if args.unlabeled else f"{s['classes']} classes"
     if args.dry_run:
         print(f"dry run: {s['would_write']} of {s['selected']} images valid, {s['skipped']} to skip, "
-              f"{s['classes']} classes; nothing written ({s['seconds']:.1f} s)")
+              f"{classes}; nothing written ({s['seconds']:.1f} s)")
     else:
-        print(f"wrote {s['written']} images ({s['bytes'] / 2**20:.1f} MiB, {s['classes']} classes) "
+        print(f"wrote {s['written']} images ({s['bytes'] / 2**20:.1f} MiB, {classes}) "
               f"to {s['out']}; "
               f"skipped {s['skipped']} (listed in {s['skipped_report']}); manifest {s['manifest']}; "
               f"{s['seconds']:.1f} s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 # Triton (loaded by torch._dynamo) before anything can import TensorFlow (tests/test_zoo.py): in the
@@ -54,6 +55,39 @@ def demo_root(tmp_path_factory):
     if not os.path.isdir(demo_data.source_dir()):
         pytest.skip(f"Fashion-MNIST source missing at {demo_data.source_dir()}: {demo_data.INSTALL}")
     return demo_data.prepare(tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def copy_as(image_folder: str, root, where) -> str:
+    """``image_folder``'s images under ``root`` at ``where(i, class, name)`` (a relative path), plus a
+    text file that is not an image: data without labels, as people have it."""
+    root = Path(root)
+    i = 0
+    for c in sorted(os.listdir(image_folder)):
+        for name in sorted(os.listdir(os.path.join(image_folder, c))):
+            dest = root / where(i, c, name)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.join(image_folder, c, name), dest)
+            i += 1
+    (root / "notes.txt").write_text("not an image\n")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def flat_folder(tmp_path_factory, image_folder) -> str:
+    """``image_folder``'s 24 images in one folder, no class structure (and notes.txt)."""
+    return copy_as(image_folder, tmp_path_factory.mktemp("flat"), lambda i, c, name: f"img{i:03d}.jpg")
+
+
+@pytest.fixture(scope="session")
+def nested_folder(tmp_path_factory, image_folder) -> str:
+    """The same 24 images at depths 0 to 3 (camera/day/hour folders), with a symlink loop (``2021/up ->
+    ..``) and a second link to one folder, both of which must not list anything twice."""
+    depth = ["{n}", "cam{k}/{n}", "2021/03/day{k}/{n}", "2021/04/day{k}/hour{k}/{n}"]
+    root = copy_as(image_folder, tmp_path_factory.mktemp("nested"),
+                   lambda i, c, name: depth[i % 4].format(k=i % 3, n=f"{c}_{name}"))
+    os.symlink("..", os.path.join(root, "2021", "up"))
+    os.symlink("cam1", os.path.join(root, "cam1_again"))
+    return root
 
 
 # --- DALI fixtures ---

@@ -155,7 +155,7 @@ class DaliLoader(BaseLoader):
             if cfg.photometry_device == "auto":
                 self.photometry_device = self.device
 
-        samples, self.classes, self.root = resolve_samples(cfg)
+        samples, self.classes, self.root, self.listing_note = resolve_samples(cfg)
         self.paths = [p for p, _ in samples]
         self.labels = np.asarray([label for _, label in samples], np.int64)
         self.num_samples = len(samples)

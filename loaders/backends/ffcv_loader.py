@@ -321,9 +321,12 @@ class FFCVLoader(BaseLoader):
         super().__init__(cfg, spec, rank, world_size, device)
         if manifest.manifest_path(cfg.path).is_file():  # a manifest of another conversion: refuse, by name
             try:
-                manifest.read(cfg.path)
+                labeled = manifest.read(cfg.path).get("labeled", True)
             except manifest.ManifestError as e:
                 raise ValueError(str(e)) from None
+            if cfg.labels and not labeled:
+                raise ValueError(f"{cfg.path} was converted with --unlabeled, and this needs labels: convert a "
+                                 f"folder of class folders (SRC/<class>/<image>) without --unlabeled")
         total = num_samples(cfg.path)
         if cfg.file_list:
             from ..subsets import beton_indices

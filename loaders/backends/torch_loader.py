@@ -263,7 +263,7 @@ class TorchLoader(BaseLoader):
                 and not torch.cuda.is_available():
             raise RuntimeError("data.decode_device=cuda needs a CUDA GPU; use data.decode_device=cpu")
         self.main_decode_device = None if main_decode_device is None else torch.device(main_decode_device)
-        self.samples, self.classes, _ = resolve_samples(cfg)
+        self.samples, self.classes, _, self.listing_note = resolve_samples(cfg)
         self.num_samples = len(self.samples)
         self._check_size("torch loader")
         # The bytes path's pixels are already on the decode device: its colour ops run there.
