@@ -129,7 +129,7 @@ def _first_images(cfg: LoaderConfig, n: int):
     first N are the first batch (the torch loader's shard for one rank)."""
     from .base import resolve_samples
     from .sampling import shard_indices
-    samples, _, _ = resolve_samples(cfg)
+    samples = resolve_samples(cfg).samples
     if n > len(samples):
         raise PreviewError(f"-n {n} is more than the {len(samples)} images of {cfg.path or 'the demo set'}")
     return samples, shard_indices(len(samples), 0, 1, 0, cfg.seed, cfg.train)
