@@ -103,7 +103,7 @@ BAD_OPTIONS = [  # each once accepted silently or crashed later with a traceback
     ("finetune", "--run.eval_batch_size=0", "--run.eval_batch_size: must be >= 1"),
     ("distill", "--distill.alpha=2", "--distill.alpha: must be >= 0 and <= 1"),
     ("distill", "--distill.temperature=0", "--distill.temperature: must be > 0"),
-    ("linear_eval", "--optim.epochs=0", "--optim.epochs: must be >= 1"),
+    ("linear_eval", "--optim.epochs=0", "--optim.epochs: must be > 0"),
 ]
 
 

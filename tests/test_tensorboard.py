@@ -31,7 +31,7 @@ def records(run_dir) -> list:
 
 def test_pretrain_writes_the_logged_scalars(tmp_path, image_folder):
     out = tmp_path / "run"
-    assert pretrain.main(TINY + [f"--data.path={image_folder}", f"--run.out_dir={out}", "--run.max_steps=3",
+    assert pretrain.main(TINY + [f"--data.path={image_folder}", f"--run.out_dir={out}", "--run.max_steps=3", "--optim.epochs=1",
                                  "--run.tensorboard=true"]) == 0
     assert list(out.glob("events.out.tfevents.*")), "no event file beside log.jsonl"
     got = scalars(out)
