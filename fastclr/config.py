@@ -120,6 +120,14 @@ class BaseRunConfig:
 
 
 ONLINE = ("run.knn_every", lambda v: v > 0, " > 0")
+FINAL_KNN = ("run.knn_eval", bool, "=true")
+
+
+def _some_knn_applies(cfg) -> Optional[str]:
+    """The k-NN bank serves the final check and the online one: it does nothing when both are off."""
+    if not cfg.run.knn_eval and not cfg.run.knn_every > 0:
+        return "does nothing with run.knn_eval=false and run.knn_every=0 (no k-NN runs)"
+    return None
 
 
 @dataclass
@@ -129,9 +137,10 @@ class RunConfig(BaseRunConfig):
                            "demo val set when data.path is empty, else no k-NN)")
     knn_bank: str = option("train", "where the k-NN's labelled feature bank comes from: train = data.path's class "
                            "folders; val = a class-balanced part of run.val_path, scored on the rest (for data "
-                           "without labels, or a .beton)", ("train", "val"))
-    knn_train_size: int = option(10000, "k-NN at the end: images in the feature bank (class-balanced subset)", ge=1)
-    knn_val_size: int = option(2000, "k-NN at the end: val images scored", ge=1)
+                           "without labels, or a .beton)", ("train", "val"), applies=_some_knn_applies)
+    knn_train_size: int = option(10000, "k-NN at the end: images in the feature bank (class-balanced subset)", ge=1,
+                                applies=FINAL_KNN)
+    knn_val_size: int = option(2000, "k-NN at the end: val images scored", ge=1, applies=FINAL_KNN)
     knn_every: float = option(1.0, "epochs between online k-NN checks while pretraining runs (eval records in "
                               "log.jsonl, TensorBoard and fastclr.plot; 0 = none)", ge=0)
     knn_online_train_size: int = option(2000, "online k-NN: images in the feature bank", ge=1, applies=ONLINE)

@@ -105,9 +105,12 @@ def end_loader_workers() -> None:
     """End the DataLoader workers still alive when a run is over (a loader whose last pass was not read
     to its end). They ignore SIGTERM (fastclr.stopping: the main process decides what a signal means),
     which is what the interpreter's exit sends them: without this the exit would wait on them forever.
-    torch's SIGCHLD check is turned off first, so their end is not reported as a failure."""
+    Each loader shuts its workers down as the DataLoader does; those still alive after that are killed,
+    with torch's SIGCHLD check turned off first, so their end is not reported as a failure."""
     import multiprocessing
     import signal
+    if "loaders.backends.torch_loader" in sys.modules:  # the clean way first: each worker told to stop
+        sys.modules["loaders.backends.torch_loader"].close_all()
     children = multiprocessing.active_children()
     if not children:
         return

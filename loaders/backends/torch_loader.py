@@ -36,6 +36,7 @@ import io
 import os
 import signal
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -230,6 +231,15 @@ def _shared_views(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, (n, 3, size, size), (3 * size * size, 1, 3 * size, 3))
 
 
+# Loaders whose DataLoader may hold persistent workers: close_all() ends them when a run is over.
+_OPEN: "weakref.WeakSet[TorchLoader]" = weakref.WeakSet()
+
+
+def close_all() -> None:
+    for loader in list(_OPEN):
+        loader.close()
+
+
 def _worker_init(_):
     # A signal to the process group (Ctrl-C, a scheduler's SIGTERM) reaches the workers too: the main
     # process decides what it means (fastclr.stopping: finish the step, checkpoint, stop), so a worker
@@ -292,8 +302,18 @@ class TorchLoader(BaseLoader):
         self._sampler = _EpochBatches(len(self))
         self._dl = None
 
+    def close(self) -> None:
+        """Stop the persistent workers the way the DataLoader does (a None to each, then a join), so a
+        pass left unfinished (max_steps, a stop signal) ends without killing them mid-write."""
+        dl, self._dl = self._dl, None
+        it = getattr(dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+            dl._iterator = None
+
     def _dataloader(self):
         if self._dl is None:
+            _OPEN.add(self)
             w = int(self.cfg.num_workers)
             pin = self.device.type == "cuda" and self.main_decode_device is None  # H2D source
             self._dl = torch.utils.data.DataLoader(
