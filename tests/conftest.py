@@ -90,6 +90,23 @@ def nested_folder(tmp_path_factory, image_folder) -> str:
     return root
 
 
+@pytest.fixture
+def call(capsys):
+    """``call(main, args) -> (exit code, stdout, stderr)``: a command's main() in this process, as its
+    CLI runs it (``python fastclr/X.py`` is that main with sys.argv), without the seconds a new
+    interpreter spends importing torch. Tests of process behaviour (signals, exit, workers at exit,
+    torchrun) start the real CLI instead."""
+    def run(main, args):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
 # --- DALI fixtures ---
 # The DALI backend's data. The loader contract test reads `dali_contract_data` for
 # backend "dali": the mixed folder (good images + every bad kind) with the clean list written by

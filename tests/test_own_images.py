@@ -73,20 +73,8 @@ def cli(*args, cwd=None):
                           timeout=600)
 
 
-def entry(main, args, capsys):
-    """A command's main() in this process, as its CLI runs it (the entry points are the same code as
-    ``python fastclr/X.py``; the walkthrough below runs the real CLIs): (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.e2e
-def test_bad_layouts_are_one_line(flat_folder, image_folder, tmp_path, capsys):
+def test_bad_layouts_are_one_line(flat_folder, image_folder, tmp_path, call):
     """Every command a user can point at an unlabelled folder where labels are needed answers in one line
     that says which layout it needs; so does a class-based selection of unlabelled data."""
     from fastclr import finetune, linear_eval, pretrain
@@ -105,7 +93,7 @@ def test_bad_layouts_are_one_line(flat_folder, image_folder, tmp_path, capsys):
         (write_ffcv.main, [flat_folder, tmp_path / "x.beton"], "class folders"),
     ]
     for main, args, what in cases:
-        code, out, err = entry(main, args, capsys)
+        code, out, err = call(main, args)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 2 and len(lines) == 1, (args, code, out[-1500:], err[-1500:])
         line = lines[0]
@@ -127,7 +115,7 @@ TOY = ["--data.image_size=32", "--optim.global_batch_size=8", "--run.progress=fa
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
-def test_pretrain_and_distill_on_a_flat_folder(backend, flat_folder, image_folder, teacher, tmp_path, capsys):
+def test_pretrain_and_distill_on_a_flat_folder(backend, flat_folder, image_folder, teacher, tmp_path, call):
     """Pretraining on the flat folder (no labels) in each backend: FFCV after the converter's --unlabeled
     (its manifest says labeled: false, and a labelled loader refuses it). Distillation reads the same
     listing in every backend: it runs once, with the default backend."""
@@ -139,15 +127,15 @@ def test_pretrain_and_distill_on_a_flat_folder(backend, flat_folder, image_folde
     data = flat_folder
     if backend == "ffcv":
         data = tmp_path / "flat.beton"
-        code, out, err = entry(write_ffcv.main, [flat_folder, data, "--unlabeled", "--quiet", "--workers=1"], capsys)
+        code, out, err = call(write_ffcv.main, [flat_folder, data, "--unlabeled", "--quiet", "--workers=1"])
         assert code == 0 and "wrote 24 images" in out and "no labels" in out, err
         m = json.loads((tmp_path / "flat.manifest.json").read_text())
         assert m["labeled"] is False and m["classes"] == [] and len(m["files"]) == 24
         with pytest.raises(ValueError, match="converted with --unlabeled, and this needs labels"):
             loaders.build(loader_config(DataConfig(backend="ffcv", path=str(data)), batch_size=8), device="cpu")
     common = TOY + [f"--data.backend={backend}", f"--data.path={data}"]
-    code, out, err = entry(pretrain.main, ["demo_cpu", *common, "--run.max_steps=2",
-                                           f"--run.out_dir={tmp_path / 'pre'}", "--run.knn_eval=false"], capsys)
+    code, out, err = call(pretrain.main, ["demo_cpu", *common, "--run.max_steps=2",
+                                           f"--run.out_dir={tmp_path / 'pre'}", "--run.knn_eval=false"])
     assert code == 0, err[-3000:]
     if backend != "ffcv":
         assert "24 images in" in out and "1 not an image (notes.txt)" in out, out
@@ -156,17 +144,16 @@ def test_pretrain_and_distill_on_a_flat_folder(backend, flat_folder, image_folde
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     if backend != "torch":
         return
-    code, out, err = entry(distill.main, ["demo_distill", f"--teacher={teacher}", *common, "--run.max_steps=2",
+    code, out, err = call(distill.main, ["demo_distill", f"--teacher={teacher}", *common, "--run.max_steps=2",
                                           f"--run.val_path={image_folder}", "--run.eval_batch_size=24",
-                                          f"--run.out_dir={tmp_path / 'st'}"], capsys)
+                                          f"--run.out_dir={tmp_path / 'st'}"])
     assert code == 0, err[-3000:]
     recs = [json.loads(ln) for ln in (tmp_path / "st" / "log.jsonl").read_text().splitlines()]
     assert recs[-1]["event"] == "done" and any(x.get("event") == "eval" for x in recs)
 
 
 @pytest.mark.e2e
-def test_online_knn_records_at_the_asked_cadence_and_match_the_final_knn(flat_folder, image_folder, tmp_path,
-                                                                         capsys):
+def test_online_knn_records_at_the_asked_cadence_and_match_the_final_knn(flat_folder, image_folder, tmp_path, call):
     """run.knn_every=0.5 with 3 steps per epoch: an eval record every 2 steps (2, 4, 6), in log.jsonl,
     TensorBoard and fastclr.plot's val panel; with the online sizes equal to the final ones, the last
     online top-1 is the final k-NN's on the same weights."""
@@ -174,10 +161,10 @@ def test_online_knn_records_at_the_asked_cadence_and_match_the_final_knn(flat_fo
     out = tmp_path / "run"
     sizes = ["--run.knn_online_train_size=12", "--run.knn_online_val_size=12", "--run.knn_train_size=12",
              "--run.knn_val_size=12", "--run.probe_labels_per_class=0"]
-    code, stdout, err = entry(pretrain.main, ["demo_cpu", *TOY, f"--data.path={flat_folder}",
+    code, stdout, err = call(pretrain.main, ["demo_cpu", *TOY, f"--data.path={flat_folder}",
                                               f"--run.val_path={image_folder}", "--run.knn_bank=val",
                                               "--run.knn_every=0.5", "--optim.epochs=2", *sizes,
-                                              "--run.tensorboard=true", f"--run.out_dir={out}"], capsys)
+                                              "--run.tensorboard=true", f"--run.out_dir={out}"])
     assert code == 0, err[-3000:]
     recs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
     evals = [x for x in recs if x.get("event") == "eval"]

@@ -106,10 +106,10 @@ def _free_port():
 def test_exact_resume_after_sigkill(tmp_path, image_folder):
     """A run killed with SIGKILL mid-run and resumed ends bitwise equal to an uninterrupted run, with
     DataLoader workers (2, the demo's default: torch's multi-worker loader iterates its sampler twice
-    per pass, which once made a resumed epoch restart at batch 0) and without.
-    24 images / batch 8 = 3 steps per epoch; 7 steps cross two epoch boundaries; the kill lands
-    after the step-2 checkpoint (7 with workers: mid-epoch 3 instead of mid-epoch 1), so the resume
-    starts mid-epoch. The reference runs without workers: batches do not depend on the worker count."""
+    per pass, which once made a resumed epoch restart at batch 0).
+    24 images / batch 8 = 3 steps per epoch; 9 steps cross two epoch boundaries; the kill lands
+    after the step-4 checkpoint (mid-epoch 2), so the resume starts mid-epoch. The reference runs
+    without workers: batches do not depend on the worker count."""
     common = TINY + [f"--data.path={image_folder}", "--run.max_steps=9", "--optim.epochs=3",
                      "--run.ckpt_every=2", "--run.keep_last=10", "--run.deterministic=true",
                      "--optim.warmup_epochs=1"]
@@ -117,7 +117,7 @@ def test_exact_resume_after_sigkill(tmp_path, image_folder):
     run(common + [f"--run.out_dir={ref}"])
     step_a, a = final_state(ref)
     assert step_a == 9
-    for workers, kill_after in ((2, 4), (0, 2)):
+    for workers, kill_after in ((2, 4),):
         out = tmp_path / f"killed_w{workers}"
         args = common + [f"--data.num_workers={workers}", f"--run.out_dir={out}", "--run.resume=auto"]
         proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=env(), stdout=subprocess.DEVNULL,
@@ -168,24 +168,17 @@ def test_elastic_restart_after_a_worker_is_killed(tmp_path, image_folder):
     assert step == 8
 
 
-def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, image_folder):
-    out = tmp_path / "nan"
-    r = run(TINY + [f"--data.path={image_folder}", f"--run.out_dir={out}", "--run.max_steps=6",
-                    "--optim.lr=1e30", "--optim.optimizer=sgd", "--run.ckpt_every=1"], check=False)
-    assert r.returncode != 0
-    assert "non-finite loss at step" in r.stderr and "checkpoint" in r.stderr
-
-
 @pytest.mark.parametrize("args, needle", [
     (["--data.path=/nonexistent/folder"], "data.path '/nonexistent/folder' is not a folder"),
     (["--optim.lrr=1"], "did you mean --optim.lr?"),
     (["--optim.global_batch_size=1"], "must split into equal per-rank batches"),
     ([f"--data.path={ROOT / 'fastclr'}"], "no images (.jpg"),     # a folder, but not of images
 ])
-def test_bad_config_is_one_line_error_before_heavy_work(tmp_path, args, needle):
-    r = run(["demo_cpu", f"--run.out_dir={tmp_path}/x", *args], check=False, timeout=60)
-    assert r.returncode == 2 and needle in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_bad_config_is_one_line_error_before_heavy_work(tmp_path, args, needle, call):
+    from fastclr import pretrain
+    code, _, err = call(pretrain.main, ["demo_cpu", f"--run.out_dir={tmp_path}/x", *args])
+    assert code == 2 and needle in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_demo_knn_beats_random_init(tmp_path, demo_root):

@@ -40,7 +40,7 @@ def last_line(stderr: str) -> str:
 
 
 @pytest.mark.e2e
-def test_every_reader_of_a_beton_checks_its_manifest(tmp_path, image_folder):
+def test_every_reader_of_a_beton_checks_its_manifest(tmp_path, image_folder, call):
     """A .beton beside a manifest of another conversion (a kill between the two renames): pretraining
     and loaders.preview refuse it in one line, as fine-tuning already did."""
     pytest.importorskip("ffcv", reason="FFCV not installed: pip install 'fastclr[ffcv]'")
@@ -50,12 +50,14 @@ def test_every_reader_of_a_beton_checks_its_manifest(tmp_path, image_folder):
     mf = Path(write_ffcv.manifest_path(out))
     m = json.loads(mf.read_text())
     mf.write_text(json.dumps({**m, "beton_id": "0" * 32}))
-    r = cli([sys.executable, PRETRAIN, *TINY, "--data.backend=ffcv", f"--data.path={out}",
-             f"--run.out_dir={tmp_path / 'run'}", "--run.max_steps=1"])
-    assert r.returncode == 2 and "does not describe" in last_line(r.stderr)
-    r = cli([sys.executable, "-m", "loaders.preview", "--data.backend=ffcv", f"--data.path={out}",
-             "--data.image_size=32", "-n", "2", "--out", str(tmp_path / "p.png")])
-    assert r.returncode == 2 and "does not describe" in last_line(r.stderr)
+    from fastclr import pretrain
+    from loaders import preview
+    code, _, err = call(pretrain.main, [*TINY, "--data.backend=ffcv", f"--data.path={out}",
+                                        f"--run.out_dir={tmp_path / 'run'}", "--run.max_steps=1"])
+    assert code == 2 and "does not describe" in last_line(err), err
+    code, _, err = call(preview.main, ["--data.backend=ffcv", f"--data.path={out}", "--data.image_size=32",
+                                       "-n", "2", "--out", str(tmp_path / "p.png")])
+    assert code == 2 and "does not describe" in last_line(err), err
 
 
 @pytest.mark.e2e
@@ -123,16 +125,18 @@ def test_exif_orientation_is_applied_by_every_backend_and_the_converter(tmp_path
 
 # ----------------------------------------------------------------------------- the small ones
 @pytest.mark.e2e
-def test_small_faults_are_one_line(tmp_path, image_folder):
-    base = [sys.executable, PRETRAIN, *TINY, f"--data.path={image_folder}"]
+def test_small_faults_are_one_line(tmp_path, image_folder, call):
+    from fastclr import pretrain
+    base = [*TINY, f"--data.path={image_folder}"]
     for extra, msg in ((["--data.image_size=100000"], "--data.image_size: must be >= 1 and <= 4096"),
                        (["--run.max_steps=0"], "--run.max_steps: must be >= 1")):
-        r = cli(base + extra + [f"--run.out_dir={tmp_path / 'x'}"])
-        assert r.returncode == 2 and msg in last_line(r.stderr), r.stderr
-    # the non-finite loss stop reads as the other errors do
-    r = cli(base + [f"--run.out_dir={tmp_path / 'nan'}", "--run.max_steps=4", "--optim.lr=1e30",
-                    "--optim.optimizer=sgd"])
-    assert r.returncode == 1 and last_line(r.stderr).startswith("pretrain.py: error: non-finite loss at step")
+        code, _, err = call(pretrain.main, base + extra + [f"--run.out_dir={tmp_path / 'x'}"])
+        assert code == 2 and msg in last_line(err), err
+    # the non-finite loss stop reads as the other errors do, and names the checkpoint to go back to
+    code, _, err = call(pretrain.main, base + [f"--run.out_dir={tmp_path / 'nan'}", "--run.max_steps=6",
+                                               "--optim.lr=1e30", "--optim.optimizer=sgd", "--run.ckpt_every=1"])
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("pretrain.py: error: non-finite loss at step") and "checkpoint" in err, err
 
 
 def test_a_plain_pickle_is_refused_without_torchs_warning(tmp_path, capfd):
