@@ -15,9 +15,13 @@ def _ok_rows(stages, stage, **match):
 
 
 def _ratio(value, target, baseline, ours, direction=">=", reason=None, **extra):
-    met = value is not None and (value >= target if direction == ">=" else value <= target)
+    """``target`` None: a measured ratio that is reported, not a goal (met is then None)."""
+    if target is None:
+        met = None
+    else:
+        met = value is not None and (value >= target if direction == ">=" else value <= target)
     out = {"value": None if value is None else round(value, 3), "target": target, "direction": direction,
-           "met": bool(met), "baseline": baseline, "ours": ours}
+           "met": None if met is None else bool(met), "baseline": baseline, "ours": ours}
     if value is None:
         out["reason"] = reason or "not measured"
     out.update(extra)
@@ -97,11 +101,12 @@ def compute_ratios(stages: dict, plan: Plan, device_type: str = "cpu") -> dict:
     # The data path behind the model: end-to-end rates over the synthetic-data step rate (same network,
     # step variant, batch and dtype, this run). 1.0 = loading and augmenting cost the step nothing. The
     # best backend, and the worst of every backend's default row (each must keep up).
-    e2e = _ok_rows(stages, "e2e", impl="fastclr")
+    main_dtype = plan.dtypes[0] if plan is not None and plan.dtypes else None
+    e2e = [r for r in _ok_rows(stages, "e2e", impl="fastclr") if main_dtype in (None, r.get("dtype"))]
     step = None
     if e2e:
         step = next(iter(_ok_rows(stages, "step", impl="fastclr", variant=e2e[0].get("variant"),
-                                  batch=e2e[0].get("batch"))), None)
+                                  batch=e2e[0].get("batch"), dtype=e2e[0].get("dtype"))), None)
     step = step or next(iter(_ok_rows(stages, "step", impl="fastclr")), None)
     defaults = [r for r in e2e if r["name"] == f"fastclr {r.get('backend')}"]
     for key, pick in (("e2e_vs_synthetic_step", max), ("e2e_vs_synthetic_step_every_backend", min)):
@@ -116,6 +121,24 @@ def compute_ratios(stages: dict, plan: Plan, device_type: str = "cpu") -> dict:
                                                      for x in defaults}} if pick is min else {}))
         else:
             ratios[key] = _ratio(None, 0.97, "step", "e2e", reason="step or e2e stage not run")
+    # bf16 over fp32 on the CPU (same variant, batch and view side; the e2e pair on the same backend):
+    # what run.precision=auto's CPU rule rests on. Reported, with no target: the rule follows the numbers.
+    if device_type != "cuda":
+        steps = _ok_rows(stages, "step", impl="fastclr")
+        for size in sorted({r.get("size") for r in steps if r.get("dtype") == "bf16"}, reverse=True):
+            f, h = (next((r for r in steps if r.get("size") == size and r.get("dtype") == d), None)
+                    for d in ("fp32", "bf16"))
+            if f and h and f.get("variant") == h.get("variant") and f.get("batch") == h.get("batch"):
+                ratios[f"cpu_bf16_vs_fp32_step_{size}px"] = _ratio(
+                    h["images_per_s"] / f["images_per_s"], None, {"name": f["name"], "images_per_s": f["images_per_s"]},
+                    {"name": h["name"], "images_per_s": h["images_per_s"]}, unit="x images/s", size=size)
+        rows = _ok_rows(stages, "e2e", impl="fastclr")
+        h = next((r for r in rows if r.get("dtype") == "bf16"), None)
+        f = h and next((r for r in rows if r.get("dtype") == "fp32" and r.get("backend") == h.get("backend")), None)
+        if f and h:
+            ratios["cpu_bf16_vs_fp32_e2e"] = _ratio(
+                h["images_per_s"] / f["images_per_s"], None, {"name": f["name"], "images_per_s": f["images_per_s"]},
+                {"name": h["name"], "images_per_s": h["images_per_s"]}, unit="x images/s")
     # The step itself: the fastest variant's views/s, an absolute goal for one H200 (GPU runs only).
     steps = _ok_rows(stages, "step", impl="fastclr")
     if device_type != "cuda":

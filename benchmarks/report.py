@@ -59,6 +59,8 @@ def ratio_table(ratios: dict) -> str:
     for k, r in ratios.items():
         if r["value"] is None:
             lines.append(f"  {k:<{w}}  -        target {r['direction']} {r['target']}  ({r.get('reason')})")
+        elif r["target"] is None:  # measured and reported, no goal
+            lines.append(f"  {k:<{w}}  {r['value']:<7.3g}  (measured, no target; {r.get('unit', '')})")
         else:
             mark = "met" if r["met"] else "NOT met"
             lines.append(f"  {k:<{w}}  {r['value']:<7.3g}  target {r['direction']} {r['target']:<5}  {mark}"

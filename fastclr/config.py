@@ -97,7 +97,8 @@ class BaseRunConfig:
     out_dir: str = option("runs/pretrain", "run directory: config.json, log.jsonl, checkpoints")
     seed: int = option(0, "global seed (each rank derives its own)", ge=0)
     device: str = option("auto", "auto (cuda if available), cuda or cpu", ("auto", "cuda", "cpu"))
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", ("auto", "fp32", "bf16", "fp16"))
+    precision: str = option("auto", "auto (bf16 on GPU; on CPU bf16 where it is native and the maps after the "
+                           "stem are >= 16 px, else fp32), fp32, bf16 or fp16", ("auto", "fp32", "bf16", "fp16"))
     max_steps: Optional[int] = option(None, "stop after this many steps (none = all epochs)", ge=1)
     log_every: int = option(20, "steps between logs (the only host syncs of the loop)", ge=1)
     tensorboard: bool = option(False, "also write every logged number as TensorBoard scalars (train/loss, eval/top1, "
@@ -202,7 +203,7 @@ class DistillSection:
     student: str = option("model", "student architecture: model.* section, or the teacher's (self-distillation)",
                           ("model", "teacher"))
     cache_teacher: bool = option(False, "compute the teacher's logits once (needs data.augment=eval)")
-    teacher_precision: str = option("auto", "teacher forward precision: auto = bf16 on GPU, fp32 on CPU",
+    teacher_precision: str = option("auto", "teacher forward precision: auto = as run.precision's auto",
                                     ("auto", "fp32", "bf16", "fp16"))
 
 

@@ -161,7 +161,7 @@ def train(cfg: DistillConfig) -> int:
         raise UserError("distill.cache_teacher=true needs data.augment=eval (augmented views change)")
     run = runtime.start_run(cfg)
     device = run.device
-    t_dtype = runtime.resolve_precision(d.teacher_precision, device)
+    t_dtype = runtime.resolve_precision(d.teacher_precision, device, cfg.data.image_size)
 
     # ------------------------------------------------------------------ teacher
     t_file, teacher, t_state = load_classifier(cfg.teacher)

@@ -41,7 +41,7 @@ PRETRAIN: Dict[str, Preset] = {
         "optim.weight_decay": 1e-6, "optim.warmup_epochs": 0.1,
         # 180 steps of 256 (0.77 of the 234 steps of an epoch): the cosine ends there.
         "optim.epochs": 0.77,
-        "loss.temperature": 0.2, "run.out_dir": "runs/demo", "run.device": "cpu", "run.precision": "fp32",
+        "loss.temperature": 0.2, "run.out_dir": "runs/demo", "run.device": "cpu",
         "run.log_every": 10, "run.ckpt_every": 200,
     },
 }
@@ -67,7 +67,7 @@ _DEMO_FT = {
     "data.crop_scale": (0.35, 1.0), "model.depth": 18, "model.width": 1,
     "model.cifar_stem": False,
     "optim.optimizer": "lars", "optim.base_lr": 0.05, "optim.lr_scaling": "sqrt", "optim.weight_decay": 0.0,
-    "optim.warmup_epochs": 0, "run.device": "cpu", "run.precision": "fp32", "run.log_every": 10,
+    "optim.warmup_epochs": 0, "run.device": "cpu", "run.log_every": 10,
     "run.eval_batch_size": 500,
 }
 FINETUNE: Dict[str, Preset] = {
@@ -97,7 +97,7 @@ _DEMO_D = {
     "data.crop_scale": (0.35, 1.0), "model.depth": 18, "model.width": 1, "model.cifar_stem": False,
     "optim.global_batch_size": 256, "optim.base_lr": 0.3, "optim.lr_scaling": "linear",
     "optim.weight_decay": 1e-6, "optim.warmup_epochs": 0.1, "optim.epochs": 2,
-    "run.device": "cpu", "run.precision": "fp32", "run.log_every": 10, "run.eval_batch_size": 500,
+    "run.device": "cpu", "run.log_every": 10, "run.eval_batch_size": 500,
 }
 DISTILL: Dict[str, Preset] = {
     "imagenet_distill": {**_IMAGENET_D, "model.name": "r50_1x_sk0", "distill.temperature": 1.0,
@@ -114,7 +114,7 @@ DISTILL: Dict[str, Preset] = {
 _DEMO_LE = {
     "data.path": "", "data.image_size": 32, "data.num_workers": 2,
     "optim.base_lr": 0.1, "optim.lr_scaling": "linear", "optim.weight_decay": 1e-6, "optim.epochs": 90,
-    "run.device": "cpu", "run.precision": "fp32", "run.eval_every": 10, "run.eval_batch_size": 500,
+    "run.device": "cpu", "run.eval_every": 10, "run.eval_batch_size": 500,
     "run.log_every": 50,
 }
 LINEAR: Dict[str, Preset] = {

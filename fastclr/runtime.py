@@ -164,10 +164,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPU, fp32 on CPU (CPU bf16 is slower on most CPUs without AMX)."""
+# bf16 autocast on a CPU pays off only when the convolutions are big enough: with the network's stem
+# output smaller than this (a side, in pixels), oneDNN's casts and weight reorders cost what the bf16
+# arithmetic saves (the CPU rows of benchmarks/throughput.py measure both precisions).
+CPU_BF16_MIN_STEM_SIDE = 16
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: the CPU multiplies bf16 natively (elsewhere oneDNN emulates it, slower
+    than fp32)."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # a build without the query: assume the common case, no native bf16
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def auto_precision(device: torch.device, image_size: Optional[int] = None, cifar_stem: bool = False) -> Tuple[str, str]:
+    """(precision, why) for run.precision=auto: bf16 on GPU; on a CPU, bf16 where the CPU has native
+    bf16 and the stem's output is at least CPU_BF16_MIN_STEM_SIDE a side (``image_size`` None: not
+    limiting), else fp32."""
+    if device.type == "cuda":
+        return "bf16", "GPU"
+    if not cpu_has_native_bf16():
+        return "fp32", "this CPU has no native bf16 (AVX512-BF16 or AMX)"
+    side = None if image_size is None else (image_size if cifar_stem else image_size // 4)
+    if side is not None and side < CPU_BF16_MIN_STEM_SIDE:
+        return "fp32", (f"native bf16 on this CPU, but {image_size} px images leave {side}x{side} maps after the "
+                        f"stem, too small for bf16 to be faster")
+    return "bf16", "native bf16 on this CPU"
+
+
+def resolve_precision(name: str, device: torch.device, image_size: Optional[int] = None,
+                      cifar_stem: bool = False) -> torch.dtype:
+    """The autocast dtype of run.precision (``auto``: see auto_precision). BatchNorm statistics, the loss,
+    LARS and the colour ops stay fp32 whatever this says."""
     if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
+        name = auto_precision(device, image_size, cifar_stem)[0]
     if name == "fp16" and device.type != "cuda":
         raise UserError("run.precision=fp16 needs a GPU (use fp32 or bf16 on CPU)")
     return parse_dtype(name)
@@ -420,7 +453,11 @@ def start_run(cfg, min_batch: int = 1) -> Run:
         summary_writer_class()  # a missing package fails here, not after the data and the model are built
     rank, world = dist.init()
     device = resolve_device(cfg.run.device)
-    dtype = resolve_precision(cfg.run.precision, device)
+    image_size, cifar_stem = cfg.data.image_size, bool(getattr(getattr(cfg, "model", None), "cifar_stem", False))
+    dtype = resolve_precision(cfg.run.precision, device, image_size, cifar_stem)
+    if cfg.run.precision == "auto" and device.type == "cpu":
+        name, why = auto_precision(device, image_size, cifar_stem)
+        dist.print0(f"run.precision=auto: {name} ({why})")
     per_rank = per_rank_batch(cfg.optim.global_batch_size, cfg.optim.grad_accum, world, min_batch)
     train_path, val_path, is_demo = resolve_data_path(cfg.data.path, cfg.data.backend, cfg.run.val_path)
     r = cfg.run

@@ -116,10 +116,14 @@ def test_quick_every_stage_ok_or_skipped_with_reason(quick_result):
     photometry = {r["mode"]: r for r in stages["photometry"]["rows"]}
     assert photometry["subset"].get("ms_per_512_views", 0) > 0 and photometry["where"].get("ms_per_512_views", 0) > 0
     assert photometry["fused"]["status"] == "skipped" and "--compile" in photometry["fused"]["reason"]
-    # The step's eager variant ran (a CUDA graph needs a GPU).
-    assert [r.get("variant") for r in stages["step"]["rows"]] == ["eager"]
+    # The step's eager variant ran (a CUDA graph needs a GPU), then fp32 and bf16 at the precision sizes
+    # (the plan's dtype at the plan's size is the first row, not repeated).
+    steps = stages["step"]["rows"]
+    assert {r.get("variant") for r in steps} == {"eager"}
+    assert [(r["size"], r["dtype"]) for r in steps] == [(64, "fp32"), (64, "bf16"), (32, "fp32"), (32, "bf16")]
     e2e = stages["e2e"]["rows"]
-    assert [r.get("backend") for r in e2e] == ["torch"]
+    assert [(r.get("backend"), r.get("dtype")) for r in e2e if r.get("status") != "skipped"] == [
+        ("torch", "fp32"), ("torch", "bf16")]
     for r in e2e:
         if r.get("status") != "skipped":
             assert 0.0 <= r["data_wait"] <= 1.0
@@ -138,11 +142,17 @@ def test_quick_ratios(quick_result):
             assert r["value"] > 0
             assert r["met"] == (r["value"] >= r["target"] if r["direction"] == ">=" else r["value"] <= r["target"])
     assert "headline ratios" in stdout
+    # bf16 vs fp32 on the CPU: measured pairs, reported without a target
+    for name in ("cpu_bf16_vs_fp32_step_64px", "cpu_bf16_vs_fp32_step_32px", "cpu_bf16_vs_fp32_e2e"):
+        r = res["ratios"][name]
+        assert r["target"] is None and r["met"] is None and r["value"] > 0, (name, r)
+        assert r["baseline"]["name"] != r["ours"]["name"] and "bf16" in r["ours"]["name"]
+        assert r["value"] == pytest.approx(r["ours"]["images_per_s"] / r["baseline"]["images_per_s"], rel=2e-3)
     # Measured in the same run whenever both sides ran.
     optim = {r["impl"]: r for r in res["stages"]["optim"]["rows"] if r.get("status") != "skipped"}
     if {"fastclr", "loop"} <= set(optim):
         assert res["ratios"]["lars_fused_vs_loop"]["value"] is not None
-    e2e = [r for r in res["stages"]["e2e"]["rows"] if r.get("status") != "skipped"]
+    e2e = [r for r in res["stages"]["e2e"]["rows"] if r.get("status") != "skipped" and r["dtype"] == "fp32"]
     step = [r for r in res["stages"]["step"]["rows"] if r.get("status") != "skipped"]
     if e2e and step:
         ratio = res["ratios"]["e2e_vs_synthetic_step"]["value"]

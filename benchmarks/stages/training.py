@@ -26,18 +26,24 @@ def stage_step(b: Bench):
         best = max(ok, key=lambda r: r["images_per_s"])
         b.best_step_variant = best["variant"]
         rows += [_time_step(b, best["variant"], B, dname) for B in p.step_batches]
+        # fp32 vs bf16 on the CPU, at each precision size (the row at the plan's size and dtype is reused)
+        for size in p.precision_sizes:
+            for d in p.precision_dtypes:
+                if not (size == p.size and d == dname):
+                    rows.append(_time_step(b, best["variant"], p.step_batch, d, size))
     return ok_stage(rows, notes="fwd + NT-Xent + bwd + LARS on synthetic views (no data loading): the ceiling "
                                 "for e2e; variants: eager, torch.compile'd model and LARS, one CUDA graph")
 
 
-def _time_step(b: Bench, variant: str, B: int, dname: str) -> dict:
+def _time_step(b: Bench, variant: str, B: int, dname: str, size: int | None = None) -> dict:
     p = b.plan
-    name = f"{p.step_arch} {dname} B={B} {variant}"
+    size = size or p.size
+    name = f"{p.step_arch} {dname} B={B} {variant}" + ("" if size == p.size else f" {size}px")
     try:
         step, _ = make_train_step(p.step_arch, b.device, parse_dtype(dname), variant)
     except Exception as e:
         return skipped_row(name, f"failed: {err(e)}", variant=variant, batch=B)
-    views = [torch.rand(B, 3, p.size, p.size, device=b.device).contiguous(memory_format=torch.channels_last)
+    views = [torch.rand(B, 3, size, size, device=b.device).contiguous(memory_format=torch.channels_last)
              for _ in range(K)]
     try:
         if b.cuda:
@@ -49,7 +55,7 @@ def _time_step(b: Bench, variant: str, B: int, dname: str) -> dict:
         warmup = GRAPH_WARMUP + 1 if "graph" in variant else 1
         dt = timed(lambda: step(views), b.device, warmup, p.step_iters)
         peak = torch.cuda.max_memory_allocated() / 2**30 if b.cuda else None
-        return row(name, impl="fastclr", arch=p.step_arch, dtype=dname, batch=B, size=p.size, variant=variant,
+        return row(name, impl="fastclr", arch=p.step_arch, dtype=dname, batch=B, size=size, variant=variant,
                    images_per_s=B / dt, views_per_s=K * B / dt, seconds_per_step=dt, first_step_seconds=first,
                    **({"peak_mem_gib": peak} if peak is not None else {}))
     except Exception as e:
@@ -60,45 +66,59 @@ def _time_step(b: Bench, variant: str, B: int, dname: str) -> dict:
 
 
 def stage_e2e(b: Bench):
+    """The fastest step fed by each backend; on the CPU also the default backend at the other precision
+    dtypes (fp32 vs bf16 with the data path included)."""
     p = b.plan
-    B = p.e2e_batch
     dname = p.dtypes[0]
-    rows = []
     # The fastest step of this run's step stage (else the plan's last, most optimized, variant).
     variant = getattr(b, "best_step_variant", None) or p.step_variants[-1]
-    try:
-        step, _ = make_train_step(p.e2e_arch, b.device, parse_dtype(dname), variant)
-    except Exception as e:
-        return skip_stage(f"the {variant} step failed to build: {err(e)}")
-    for name, backend, extra in loader_variants(b.args, b.device):
-        loader, why = build_fastclr_loader(backend, b.data, p, b.device, B, dtype_name(parse_dtype(dname)), extra)
-        if loader is None:
-            rows.append(skipped_row(name, why, backend=backend))
-            continue
-        it = batches(loader, b.device)
+    runs = [(dname, v) for v in loader_variants(b.args, b.device)]
+    runs += [(d, runs[0][1]) for d in p.precision_dtypes if d != dname and runs]
+    rows = []
+    for d in dict.fromkeys(d for d, _ in runs):
         try:
-            for _ in range(p.e2e_warmup):
-                step(next(it))
-            sync(b.device)
-            wait = 0.0
-            t0 = time.perf_counter()
-            for _ in range(p.e2e_iters):
-                tw = time.perf_counter()
-                views = next(it)  # time blocked here = data wait (as pretrain.py logs it)
-                wait += time.perf_counter() - tw
-                step(views)
-            sync(b.device)
-            dt = time.perf_counter() - t0
-            rows.append(row(name, backend=backend, impl="fastclr", arch=p.e2e_arch, dtype=dname, batch=B,
-                            variant=variant, workers=p.workers, images_per_s=p.e2e_iters * B / dt,
-                            views_per_s=K * p.e2e_iters * B / dt, seconds_per_step=dt / p.e2e_iters,
-                            data_wait=min(wait / dt, 1.0)))
+            step, _ = make_train_step(p.e2e_arch, b.device, parse_dtype(d), variant)
         except Exception as e:
-            rows.append(skipped_row(name, f"failed: {err(e)}", backend=backend))
-        finally:
-            it.close()
-            close_loader(loader)
-            del loader
-    del step
-    free(b.device)
+            if d == dname:
+                return skip_stage(f"the {variant} step failed to build: {err(e)}")
+            rows.append(skipped_row(f"e2e {d}", f"the {variant} step failed to build: {err(e)}"))
+            continue
+        for dd, lv in runs:
+            if dd == d:
+                rows.append(_time_e2e(b, step, variant, d, *lv, tagged=d != dname))
+        del step
+        free(b.device)
     return ok_stage(rows, notes="data_wait = share of the step time spent blocked on the loader")
+
+
+def _time_e2e(b: Bench, step, variant: str, dname: str, name: str, backend: str, extra, tagged: bool) -> dict:
+    p = b.plan
+    B = p.e2e_batch
+    name = f"{name} {dname}" if tagged else name
+    loader, why = build_fastclr_loader(backend, b.data, p, b.device, B, dtype_name(parse_dtype(dname)), extra)
+    if loader is None:
+        return skipped_row(name, why, backend=backend)
+    it = batches(loader, b.device)
+    try:
+        for _ in range(p.e2e_warmup):
+            step(next(it))
+        sync(b.device)
+        wait = 0.0
+        t0 = time.perf_counter()
+        for _ in range(p.e2e_iters):
+            tw = time.perf_counter()
+            views = next(it)  # time blocked here = data wait (as pretrain.py logs it)
+            wait += time.perf_counter() - tw
+            step(views)
+        sync(b.device)
+        dt = time.perf_counter() - t0
+        return row(name, backend=backend, impl="fastclr", arch=p.e2e_arch, dtype=dname, batch=B,
+                   variant=variant, workers=p.workers, images_per_s=p.e2e_iters * B / dt,
+                   views_per_s=K * p.e2e_iters * B / dt, seconds_per_step=dt / p.e2e_iters,
+                   data_wait=min(wait / dt, 1.0))
+    except Exception as e:
+        return skipped_row(name, f"failed: {err(e)}", backend=backend)
+    finally:
+        it.close()
+        close_loader(loader)
+        del loader
