@@ -131,7 +131,9 @@ def train(cfg: C.PretrainConfig) -> int:
     seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ k-NN report
-    message = f"{summary['step']} steps, loss {summary['first_loss']} -> {summary['final_loss']}"
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}"
+    message = f"{summary['step']} steps, loss {fmt(summary.get('first_loss'))} -> {fmt(summary.get('final_loss'))}"
     if task.monitor is not None and trainer.monitor_seconds:
         summary.update(knn_online_seconds=round(trainer.monitor_seconds, 2), train_seconds=round(seconds, 2))
         message += (f"\n  online k-NN: {trainer.monitor_seconds:.1f} s of the {seconds:.0f} s of training "
