@@ -36,6 +36,18 @@ def run(args, check=True, **kw):
     return r
 
 
+@pytest.fixture
+def inproc(call):
+    """pretrain.py's main() in this process (tests of a run's results; process behaviour: ``run``)."""
+    from fastclr import pretrain
+
+    def go(args):
+        code, out, err = call(pretrain.main, args)
+        assert code == 0, f"exit {code}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        return out
+    return go
+
+
 def log_records(out_dir):
     return [json.loads(ln) for ln in Path(out_dir, "log.jsonl").read_text().splitlines()]
 
@@ -45,9 +57,9 @@ def final_state(out_dir):
     return step, ck.load(path)
 
 
-def test_smoke_few_steps_finite_loss_and_logs(tmp_path, mixed_folder):
+def test_smoke_few_steps_finite_loss_and_logs(tmp_path, mixed_folder, inproc):
     out = tmp_path / "run"
-    r = run(TINY + [f"--data.path={mixed_folder}", f"--run.out_dir={out}", "--run.max_steps=3"])
+    stdout = inproc(TINY + [f"--data.path={mixed_folder}", f"--run.out_dir={out}", "--run.max_steps=3"])
     recs = log_records(out)
     steps = [x for x in recs if "loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3]
@@ -58,11 +70,11 @@ def test_smoke_few_steps_finite_loss_and_logs(tmp_path, mixed_folder):
     assert done["event"] == "done" and done["bad_images_skipped"] >= 1   # the fixture's bad files
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["path"] == mixed_folder and cfg["optim"]["lr"] is None
-    assert "done: 3 steps" in r.stdout
+    assert "done: 3 steps" in stdout
 
 
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
-def test_smoke_other_backends(tmp_path, request, backend):
+def test_smoke_other_backends(tmp_path, request, backend, inproc):
     """A few steps through the DALI (CPU mode, on the validated clean list) and FFCV (on the
     converted .beton) backends: finite loss, done record."""
     import loaders
@@ -75,14 +87,14 @@ def test_smoke_other_backends(tmp_path, request, backend):
                    "--run.max_steps=2", "--data.num_workers=1"]
     if data.get("file_list"):
         args.append(f"--data.file_list={data['file_list']}")
-    run(args, timeout=600)
+    inproc(args)
     recs = log_records(out)
     assert [x["step"] for x in recs if "loss" in x] == [1, 2]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in recs if "loss" in x)
     assert recs[-1]["event"] == "done"
 
 
-def test_overfit_one_batch_drives_loss_down(tmp_path, image_folder):
+def test_overfit_one_batch_drives_loss_down(tmp_path, image_folder, inproc):
     """The same 8 images in every step (a list file of 8, batch 8), crop+flip views: the loss must
     fall to a fraction of its start."""
     from loaders.sources.folders import list_image_folder
@@ -90,7 +102,7 @@ def test_overfit_one_batch_drives_loss_down(tmp_path, image_folder):
     lst = tmp_path / "eight.txt"
     lst.write_text("".join(f"{os.path.relpath(p, image_folder)} {lab}\n" for p, lab in samples[::3][:8]))
     out = tmp_path / "overfit"
-    run(TINY + [f"--data.path={image_folder}", f"--data.file_list={lst}", f"--run.out_dir={out}",
+    inproc(TINY + [f"--data.path={image_folder}", f"--data.file_list={lst}", f"--run.out_dir={out}",
                 "--run.max_steps=30", "--optim.epochs=100", "--data.augment=finetune", "--optim.lr=1.0",
                 "--run.log_every=5"])
     losses = [x["loss"] for x in log_records(out) if "loss" in x]
@@ -103,23 +115,26 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_exact_resume_after_sigkill(tmp_path, image_folder):
-    """A run killed with SIGKILL mid-run and resumed ends bitwise equal to an uninterrupted run, with
-    DataLoader workers (2, the demo's default: torch's multi-worker loader iterates its sampler twice
-    per pass, which once made a resumed epoch restart at batch 0).
+def test_exact_resume_after_sigkill(tmp_path, flat_folder, image_folder):
+    """A run on an unlabelled flat folder killed with SIGKILL mid-run and resumed ends bitwise equal to
+    an uninterrupted run, with DataLoader workers (2, the demo's default: torch's multi-worker loader
+    iterates its sampler twice per pass, which once made a resumed epoch restart at batch 0) and the
+    online k-NN on, which the reference runs without: the monitor leaves the training streams alone.
     24 images / batch 8 = 3 steps per epoch; 9 steps cross two epoch boundaries; the kill lands
     after the step-4 checkpoint (mid-epoch 2), so the resume starts mid-epoch. The reference runs
     without workers: batches do not depend on the worker count."""
-    common = TINY + [f"--data.path={image_folder}", "--run.max_steps=9", "--optim.epochs=3",
+    common = TINY + [f"--data.path={flat_folder}", "--run.max_steps=9", "--optim.epochs=3",
                      "--run.ckpt_every=2", "--run.keep_last=10", "--run.deterministic=true",
                      "--optim.warmup_epochs=1"]
+    online = [f"--run.val_path={image_folder}", "--run.knn_bank=val", "--run.knn_every=0.5",
+              "--run.knn_online_train_size=8", "--run.knn_online_val_size=8"]
     ref = tmp_path / "ref"
     run(common + [f"--run.out_dir={ref}"])
     step_a, a = final_state(ref)
     assert step_a == 9
     for workers, kill_after in ((2, 4),):
         out = tmp_path / f"killed_w{workers}"
-        args = common + [f"--data.num_workers={workers}", f"--run.out_dir={out}", "--run.resume=auto"]
+        args = common + online + [f"--data.num_workers={workers}", f"--run.out_dir={out}", "--run.resume=auto"]
         proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
@@ -133,6 +148,8 @@ def test_exact_resume_after_sigkill(tmp_path, image_folder):
         assert "resumed from" in r.stdout
         step_b, b = final_state(out)
         assert step_b == 9
+        evals = [x["step"] for x in log_records(out) if x.get("event") == "eval"]
+        assert 2 in evals and 8 in evals, evals  # checks ran before the kill and after the resume
         for k in a["model"]:
             assert torch.equal(a["model"][k], b["model"][k]), (workers, k)
         for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
@@ -181,21 +198,20 @@ def test_bad_config_is_one_line_error_before_heavy_work(tmp_path, args, needle, 
     assert len(err.strip().splitlines()) == 1, err
 
 
-def test_demo_knn_beats_random_init(tmp_path, demo_root):
+def test_demo_knn_beats_random_init(tmp_path, demo_root, inproc):
     """The embedded demo on a shortened schedule (12 steps of 128 real Fashion-MNIST images): the
     k-NN top-1 of the trained backbone beats the same backbone at random init by >= 10 points, and the
     two comparisons the demo promises (k-NN and the 600-label probe against raw pixels) are printed."""
     out = tmp_path / "demo"
-    r = run(["demo_cpu", f"--data.path={demo_root / 'train'}", f"--run.val_path={demo_root / 'val'}",
-             f"--run.out_dir={out}", "--run.max_steps=12", "--optim.global_batch_size=128",
-             "--run.knn_train_size=2000", "--run.knn_val_size=1000",
-             "--run.progress=false"], timeout=600)
+    stdout = inproc(["demo_cpu", f"--data.path={demo_root / 'train'}", f"--run.val_path={demo_root / 'val'}",
+                     f"--run.out_dir={out}", "--run.max_steps=12", "--optim.global_batch_size=128",
+                     "--run.knn_train_size=2000", "--run.knn_val_size=1000", "--run.progress=false"])
     done = log_records(out)[-1]
     assert done["event"] == "done" and done["step"] == 12
     assert done["final_loss"] < done["first_loss"]
     assert done["knn_top1"] >= done["knn_top1_random_init"] + 0.10, done
-    assert "k-NN top-1 on val" in r.stdout and "on raw pixels" in r.stdout
-    assert "600 labels (linear probe" in r.stdout and 0 < done["probe_top1_raw_pixels"] <= 1
+    assert "k-NN top-1 on val" in stdout and "on raw pixels" in stdout
+    assert "600 labels (linear probe" in stdout and 0 < done["probe_top1_raw_pixels"] <= 1
 
 
 def test_step_meter_window_means_and_non_finite_stop():

@@ -1,31 +1,29 @@
-"""The semi-supervised chain end to end on the fixture folder, each step as its own process like a user
-runs it: pretrain -> finetune (label subset) -> self-distill (student from the pretrain checkpoint) ->
-linear_eval (fast path). distill.py from scratch and with cached teacher logits: tests/test_distill.py."""
+"""The semi-supervised chain end to end on the fixture folder: pretrain -> finetune (label subset) ->
+self-distill (student from the pretrain checkpoint) -> linear_eval (fast path), each entry point's
+main() in this process (the README walkthrough in tests/test_own_images.py runs a chain as real CLIs).
+distill.py from scratch and with cached teacher logits: tests/test_distill.py."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fastclr import checkpoint as ck
+from fastclr import distill, finetune, linear_eval, pretrain
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--data.image_size=32", "--data.num_workers=0", "--run.progress=false"]
+MAINS = {"pretrain.py": pretrain.main, "finetune.py": finetune.main, "distill.py": distill.main,
+         "linear_eval.py": linear_eval.main}
 
 
-def run(script, args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    r = subprocess.run([sys.executable, str(ROOT / "fastclr" / script), *args], check=False,
-                       capture_output=True, text=True, env=env, timeout=300)
-    if r.returncode != 0:
-        raise AssertionError(f"{script} exited {r.returncode}\nstdout:\n{r.stdout[-3000:]}\n"
-                             f"stderr:\n{r.stderr[-3000:]}")
-    return r
+@pytest.fixture
+def run(call):
+    def go(script, args):
+        code, out, err = call(MAINS[script], args)
+        assert code == 0, f"{script} exited {code}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        return out
+    return go
 
 
 def done(out):
@@ -34,7 +32,7 @@ def done(out):
     return recs[-1]
 
 
-def test_pretrain_finetune_distill_linear_eval(tmp_path, image_folder):
+def test_pretrain_finetune_distill_linear_eval(tmp_path, image_folder, run):
     data = [f"--data.path={image_folder}", f"--run.val_path={image_folder}"]
     pre, fto, slf, lin = (tmp_path / n for n in ("pre", "ft", "self", "linear"))
     run("pretrain.py", ["demo_cpu", f"--data.path={image_folder}", "--data.image_size=32",
@@ -48,7 +46,7 @@ def test_pretrain_finetune_distill_linear_eval(tmp_path, image_folder):
                             f"--run.out_dir={fto}"])
     d = done(fto)
     assert d["step"] == 2 and d["labeled_images"] == 12 and d["final_top1"] is not None
-    assert "head cut at layer 1" in r.stdout
+    assert "head cut at layer 1" in r
     assert ck.load(fto / "best.pt")["arch"]["ft_proj_selector"] == 1
 
     run("distill.py", ["demo_self_distill", f"--teacher={fto}", f"--student_ckpt={pre}", *data, *COMMON,
@@ -60,4 +58,4 @@ def test_pretrain_finetune_distill_linear_eval(tmp_path, image_folder):
                                "--optim.global_batch_size=4", "--optim.epochs=2", f"--run.out_dir={lin}"])
     d = done(lin)
     assert d["path"] == "fast" and d["step"] == 6 and d["final_top1"] is not None
-    assert "extracted once" in r.stdout
+    assert "extracted once" in r
