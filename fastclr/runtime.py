@@ -453,11 +453,13 @@ def start_run(cfg, min_batch: int = 1) -> Run:
         summary_writer_class()  # a missing package fails here, not after the data and the model are built
     rank, world = dist.init()
     device = resolve_device(cfg.run.device)
-    image_size, cifar_stem = cfg.data.image_size, bool(getattr(getattr(cfg, "model", None), "cifar_stem", False))
-    dtype = resolve_precision(cfg.run.precision, device, image_size, cifar_stem)
-    if cfg.run.precision == "auto" and device.type == "cpu":
-        name, why = auto_precision(device, image_size, cifar_stem)
-        dist.print0(f"run.precision=auto: {name} ({why})")
+    precision = cfg.run.precision
+    if precision == "auto":
+        cifar_stem = bool(getattr(getattr(cfg, "model", None), "cifar_stem", False))
+        precision, why = auto_precision(device, cfg.data.image_size, cifar_stem)
+        if device.type == "cpu":  # the rule depends on the CPU and the input: say what it chose
+            dist.print0(f"run.precision=auto: {precision} ({why})")
+    dtype = resolve_precision(precision, device)
     per_rank = per_rank_batch(cfg.optim.global_batch_size, cfg.optim.grad_accum, world, min_batch)
     train_path, val_path, is_demo = resolve_data_path(cfg.data.path, cfg.data.backend, cfg.run.val_path)
     r = cfg.run
