@@ -151,14 +151,10 @@ class RunLock:
 
 
 # ----------------------------------------------------------------------------- resume with the same config
-def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = list(v) if isinstance(v, tuple) else v
-    return out
+def _flat(d: Dict[str, Any]) -> Dict[str, Any]:
+    """By dotted key, tuples as lists (a saved config.json holds lists where the live config has tuples)."""
+    from loaders.options import flatten
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(d).items()}
 
 
 def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> Tuple[List[str], List[str]]:

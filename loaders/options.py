@@ -329,7 +329,7 @@ def from_dict(cls, d: Dict[str, Any], strict: bool = True):
     """Rebuild a config from ``to_dict`` output (e.g. a checkpoint's config). Unknown keys are errors
     when ``strict``, else ignored (reading a checkpoint written by another version)."""
     cfg = cls()
-    flat = _flatten(d)
+    flat = flatten(d)
     known = set(keys(cls))
     for k, v in flat.items():
         if k not in known and not strict:
@@ -338,11 +338,12 @@ def from_dict(cls, d: Dict[str, Any], strict: bool = True):
     return cfg
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``: a nested config dict by dotted key."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
