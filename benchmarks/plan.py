@@ -60,8 +60,9 @@ class Plan:
     # then the fastest one at each of step_batches (images per GPU, 2 views each).
     step_variants: list[str] = field(default_factory=lambda: ["eager"])
     step_batches: list[int] = field(default_factory=list)
-    # CPU precision rows: the fastest step variant at each of these dtypes and view sides (the step
-    # stage), and the default backend's e2e at each dtype; empty = none (GPU runs: dtypes covers it).
+    # CPU precision rows: the fastest step variant at each of these dtypes, at the plan's size and at
+    # these other view sides (the step stage), and the default backend's e2e at each dtype; empty dtypes =
+    # none (GPU runs: dtypes covers it).
     precision_dtypes: list[str] = field(default_factory=list)
     precision_sizes: list[int] = field(default_factory=list)
     e2e_arch: str = "r18_1x_sk0"
@@ -96,14 +97,14 @@ def make_plan(device: str, quick: bool) -> Plan:
         return p
     # fp32 and bf16 side by side: at the plan's size and at the demo's 32 px (8x8 maps after the stem),
     # the two sides of run.precision=auto's rule (fastclr.runtime.auto_precision).
-    p = Plan(workers=min(cores, 8), precision_dtypes=["fp32", "bf16"], precision_sizes=[224, 32])
+    p = Plan(workers=min(cores, 8), precision_dtypes=["fp32", "bf16"], precision_sizes=[32])
     if quick:
         p = replace(p, size=64, classes=4, per_class=8, batch=8, workers=min(cores, 2), stage_images=32,
                     loader_warmup=1, loader_batches=2, archs=["r18_1x_sk0"], model_batch=4, model_iters=1,
                     teacher_arch="r50_1x_sk0", teacher_batch=2, teacher_iters=1,
                     loss_batches=[64, 256], loss_chunk=64, loss_ratio_batch=256, loss_iters=2,
                     optim_arch="r18_1x_sk0", optim_iters=2, photometry_views=8, photometry_iters=1, step_batch=4,
-                    step_iters=1, e2e_batch=8, e2e_iters=1, min_time=0.05, precision_sizes=[64, 32])
+                    step_iters=1, e2e_batch=8, e2e_iters=1, min_time=0.05)
     return p
 
 

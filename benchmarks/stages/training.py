@@ -27,7 +27,7 @@ def stage_step(b: Bench):
         b.best_step_variant = best["variant"]
         rows += [_time_step(b, best["variant"], B, dname) for B in p.step_batches]
         # fp32 vs bf16 on the CPU, at each precision size (the row at the plan's size and dtype is reused)
-        for size in p.precision_sizes:
+        for size in dict.fromkeys([p.size, *p.precision_sizes]):
             for d in p.precision_dtypes:
                 if not (size == p.size and d == dname):
                     rows.append(_time_step(b, best["variant"], p.step_batch, d, size))
