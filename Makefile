@@ -1,5 +1,5 @@
 # fastclr — the README's commands. Everything a fresh machine needs is installed from here.
-#   make install   apt packages (when root) + .venv with pinned torch + fastclr[dali,ffcv,dev,peers,plot,tensorboard,tf]
+#   make install   apt packages (when root) + .venv with pinned torch + fastclr[dali,ffcv,dev,data,peers,plot,tensorboard,tf]
 #   make demo      the embedded default run: SimCLR on Fashion-MNIST, ~5 min on 2 CPU cores; its curves
 #                  in runs/demo/curves.png
 #   make test      the CPU test suite (GPU tests: pytest -m gpu, or benchmarks/gpu_suite.sh)
@@ -44,7 +44,7 @@ $(STAMP): setup.py Makefile
 	$(BIN)/pip install -q $(TORCH_PINS)
 	# numpy/pkgconfig first: ffcv's setup.py needs them to build its C extension.
 	$(BIN)/pip install -q numpy pkgconfig setuptools wheel
-	$(BIN)/pip install -q --no-build-isolation -e '.[dali,ffcv,dev,peers,plot,tensorboard,tf]' $(TORCH_PINS)
+	$(BIN)/pip install -q --no-build-isolation -e '.[dali,ffcv,dev,data,peers,plot,tensorboard,tf]' $(TORCH_PINS)
 	@touch $@
 
 demo: install

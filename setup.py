@@ -23,6 +23,9 @@ extras = {
     "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless", "setuptools", "pytorch_pfn_extras",
              "terminaltables", "fastargs", "assertpy", "psutil"],
     "dev": ["pytest>=8", "hypothesis", "ruff"],
+    # python -m loaders.demo_data --dataset digits: the second small data set of the few-label experiments
+    # (docs/semisup.md), shipped inside scikit-learn.
+    "data": ["scikit-learn"],
     # Peers, used only by benchmarks/throughput.py as a same-run baseline.
     "peers": ["lightly"],
     # python -m fastclr.zoo convert: TensorFlow's own reader for the released TF1 checkpoints (training never

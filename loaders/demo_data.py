@@ -106,41 +106,35 @@ def is_complete(root: Path) -> bool:
     return all((root / split).is_dir() for split in counts)
 
 
-def prepare(cache: Optional[str | os.PathLike] = None, source: str | os.PathLike | None = None,
-            progress: bool = True, quality: int = 95) -> Path:
-    """Return the demo root (with train/ and val/), preparing it on first use."""
+def _write_folder(cache: Path, name: str, splits: dict, class_dirs: list[str], to_rgb, meta: dict,
+                  desc: str, progress: bool, ext: str = "jpg", **save_kwargs) -> Path:
+    """Write ``splits`` ({split: (images, labels)}) as ``cache/name/<split>/<class>/<index>.<ext>``,
+    atomically (a temporary sibling folder, a ``.complete`` marker with the counts last, then a rename)."""
     from PIL import Image
     from tqdm import tqdm
 
-    cache = Path(cache) if cache is not None else cache_dir()
-    source = source_dir() if source is None else source
-    root = cache / NAME
-    if is_complete(root):
-        return root
-    splits = {s: load_split(s, source) for s in FILES}  # fails fast, before writing anything
+    root = cache / name
     cache.mkdir(parents=True, exist_ok=True)
-    for stale in cache.glob(f".{NAME}.tmp-*"):   # left by an interrupted preparation
+    for stale in cache.glob(f".{name}.tmp-*"):   # left by an interrupted preparation
         shutil.rmtree(stale, ignore_errors=True)
     if root.exists():                            # a folder without a valid marker is not trusted
         shutil.rmtree(root)
-    tmp = cache / f".{NAME}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = cache / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     counts = {}
     try:
         total = sum(len(x) for x, _ in splits.values())
-        bar = tqdm(total=total, desc="preparing Fashion-MNIST demo set", unit="img", disable=not progress,
+        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for split, (images, labels) in splits.items():
-            for d in CLASS_DIRS:
+            for d in class_dirs:
                 (tmp / split / d).mkdir(parents=True, exist_ok=True)
-            per_class = np.bincount(labels, minlength=len(CLASSES))
+            per_class = np.bincount(labels, minlength=len(class_dirs))
             for i, (img, lab) in enumerate(zip(images, labels)):
-                Image.fromarray(to_rgb32(img)).save(tmp / split / CLASS_DIRS[lab] / f"{i:05d}.jpg",
-                                                    format="JPEG", quality=quality)
+                Image.fromarray(to_rgb(img)).save(tmp / split / class_dirs[lab] / f"{i:05d}.{ext}", **save_kwargs)
                 bar.update(1)
-            counts[split] = {CLASS_DIRS[k]: int(n) for k, n in enumerate(per_class)}
+            counts[split] = {class_dirs[k]: int(n) for k, n in enumerate(per_class)}
         bar.close()
-        (tmp / ".complete").write_text(json.dumps({"source": str(source), "counts": counts,
-                                                   "format": "32x32 RGB JPEG, 2px zero pad"}, indent=1))
+        (tmp / ".complete").write_text(json.dumps({**meta, "counts": counts}, indent=1))
         os.replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,15 +142,85 @@ def prepare(cache: Optional[str | os.PathLike] = None, source: str | os.PathLike
     return root
 
 
+def prepare(cache: Optional[str | os.PathLike] = None, source: str | os.PathLike | None = None,
+            progress: bool = True, quality: int = 95) -> Path:
+    """Return the demo root (with train/ and val/), preparing it on first use."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    source = source_dir() if source is None else source
+    root = cache / NAME
+    if is_complete(root):
+        return root
+    splits = {s: load_split(s, source) for s in FILES}  # fails fast, before writing anything
+    return _write_folder(cache, NAME, splits, CLASS_DIRS, to_rgb32,
+                         {"source": str(source), "format": "32x32 RGB JPEG, 2px zero pad"},
+                         "preparing Fashion-MNIST demo set", progress, format="JPEG", quality=quality)
+
+
+# ----------------------------------------------------------------------------- a second small set: digits
+# scikit-learn's copy of the UCI handwritten digits (1797 images of 8x8, 16 gray levels, 10 classes),
+# shipped inside the package: the second data set the few-label recipes are chosen on (docs/semisup.md).
+# It has no official test split: a seeded class-balanced 30 % is held out as val. Each image is scaled
+# to 0-255 and enlarged 4x by pixel repetition to 32x32 (no interpolation, so nothing is invented),
+# stored as lossless PNG.
+DIGITS_NAME = "digits-32"
+DIGITS_DIRS = [str(k) for k in range(10)]
+DIGITS_VAL_FRACTION = 0.3
+
+
+def digits_splits(seed: int = 0) -> dict:
+    """{"train": (images uint8 [N, 8, 8], labels), "val": (...)}: a seeded, class-balanced 70/30 split."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DemoDataError("the digits set comes with scikit-learn: pip install scikit-learn "
+                            "(or make install)") from e
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = d.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(labels), dtype=bool)
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        val[rng.permutation(idx)[:int(round(DIGITS_VAL_FRACTION * len(idx)))]] = True
+    return {"train": (images[~val], labels[~val]), "val": (images[val], labels[val])}
+
+
+def digits_to_rgb32(img8: np.ndarray) -> np.ndarray:
+    big = np.kron(img8, np.ones((4, 4), dtype=np.uint8))
+    return np.repeat(big[:, :, None], 3, axis=2)
+
+
+def prepare_digits(cache: Optional[str | os.PathLike] = None, progress: bool = True) -> Path:
+    """Return the digits root (train/ 1258 images, val/ 539), preparing it on first use."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    root = cache / DIGITS_NAME
+    if is_complete(root):
+        return root
+    return _write_folder(cache, DIGITS_NAME, digits_splits(), DIGITS_DIRS, digits_to_rgb32,
+                         {"source": "sklearn.datasets.load_digits",
+                          "format": "32x32 RGB PNG, 8x8 enlarged 4x by repetition, val: 30 % per class, seed 0"},
+                         "preparing the digits set", progress, ext="png", format="PNG")
+
+
+DATASETS = {"fashion-mnist": prepare, "digits": prepare_digits}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loaders.demo_data",
-                                 description="Prepare the Fashion-MNIST demo ImageFolder (once) and print its path.")
+                                 description="Prepare a small data set as an ImageFolder (once) and print its path: the Fashion-MNIST demo set, or scikit-learn's digits.")
+    ap.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS),
+                    help="fashion-mnist: the demo set (Debian package); digits: scikit-learn's 8x8 digits")
     ap.add_argument("--cache", default=None, help="cache folder (default: $FASTCLR_CACHE or ~/.cache/fastclr)")
     ap.add_argument("--source", default=None,
                     help=f"folder with the IDX .gz files (default: $FASTCLR_FMNIST, else {SOURCE})")
     args = ap.parse_args(argv)
     try:
-        print(prepare(args.cache, args.source))
+        if args.dataset == "digits":
+            if args.source:
+                raise DemoDataError("--source applies to fashion-mnist only (digits come with scikit-learn)")
+            print(prepare_digits(args.cache))
+        else:
+            print(prepare(args.cache, args.source))
     except DemoDataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -111,3 +111,30 @@ def test_fmnist_env_names_the_source_folder(tmp_path, small_source, monkeypatch)
     monkeypatch.setenv("FASTCLR_FMNIST", str(tmp_path / "nope"))
     with pytest.raises(demo_data.DemoDataError, match=str(tmp_path / "nope")):
         demo_data.prepare(tmp_path / "d", progress=False)
+
+
+def test_digits_set_via_the_cli_is_a_balanced_exact_split(tmp_path):
+    """`python -m loaders.demo_data --dataset digits`: scikit-learn's 1797 digits as a 32 px ImageFolder,
+    30 % of each class in val/, every PNG the 8x8 source enlarged 4x exactly (lossless); --source is
+    refused in one line (it names the Fashion-MNIST files)."""
+    from sklearn.datasets import load_digits
+    root_dir = os.path.dirname(os.path.dirname(__file__))
+    r = subprocess.run([sys.executable, "-m", "loaders.demo_data", "--dataset", "digits", "--cache",
+                        str(tmp_path / "c")], capture_output=True, text=True, cwd=root_dir)
+    assert r.returncode == 0, r.stderr
+    root = r.stdout.strip().splitlines()[-1]
+    train, _ = list_image_folder(os.path.join(root, "train"))
+    val, _ = list_image_folder(os.path.join(root, "val"))
+    d = load_digits()
+    assert len(train) + len(val) == len(d.target) == 1797 and len(val) == 539
+    for c in range(10):
+        assert sum(1 for _, lab in val if lab == c) == round(0.3 * int((d.target == c).sum()))
+    sources = {img.tobytes() for img in np.round(d.images * (255 / 16)).astype(np.uint8)}
+    for path, _ in train[:20] + val[:20]:
+        img = np.asarray(Image.open(path))
+        assert img.shape == (32, 32, 3) and (img == img[:, :, :1]).all()
+        assert img[::4, ::4, 0].tobytes() in sources
+        assert (np.kron(img[::4, ::4, 0], np.ones((4, 4), np.uint8)) == img[:, :, 0]).all()
+    r = subprocess.run([sys.executable, "-m", "loaders.demo_data", "--dataset", "digits", "--source", "x",
+                        "--cache", str(tmp_path / "c")], capture_output=True, text=True, cwd=root_dir)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "fashion-mnist" in r.stderr
