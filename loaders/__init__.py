@@ -42,16 +42,19 @@ def available(name: str) -> tuple[bool, str]:
 
 
 def spec_from_config(cfg: LoaderConfig) -> AugmentSpec:
-    """The AugmentSpec a LoaderConfig asks for (preset + size, and for simclr its strength and blur)."""
+    """The AugmentSpec a LoaderConfig asks for (preset + size, crop range and flip, and for simclr its
+    strength and blur)."""
     lo, hi = cfg.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.crop_scale}")
     if cfg.augment == "simclr":
-        return preset("simclr", size=cfg.image_size, strength=cfg.jitter_strength,
+        spec = preset("simclr", size=cfg.image_size, strength=cfg.jitter_strength,
                       blur_p=0.5 if cfg.blur else 0.0, scale=(lo, hi))
-    if cfg.augment == "finetune":
-        return preset("finetune", size=cfg.image_size, scale=(lo, hi))
-    return preset(cfg.augment, size=cfg.image_size)
+    elif cfg.augment == "finetune":
+        spec = preset("finetune", size=cfg.image_size, scale=(lo, hi))
+    else:
+        return preset(cfg.augment, size=cfg.image_size)
+    return spec if cfg.flip else spec.replace(flip=False)
 
 
 def build(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, device="cpu", spec: AugmentSpec | None = None):

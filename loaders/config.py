@@ -19,6 +19,7 @@ from .options import option
 # The conditions of the backend- and recipe-specific fields (loaders.options: option(applies=...)).
 TORCH, DALI, FFCV = ("data.backend", ("torch",)), ("data.backend", ("dali",)), ("data.backend", ("ffcv",))
 SIMCLR = ("data.augment", ("simclr",))
+RANDOM_VIEWS = ("data.augment", ("simclr", "finetune"))
 
 
 def _workers(cfg) -> Optional[str]:
@@ -57,6 +58,9 @@ class DataConfig:
     crop_scale: Tuple[float, float] = option((0.08, 1.0), "random crop of the simclr and finetune recipes: area "
                                              "fraction range (TF: 0.08,1; crops also cover >= 10 % of the "
                                              "image, as in TF)", gt=0, le=1)
+    flip: bool = option(True, "random horizontal flip (p=0.5) in the simclr and finetune recipes, as TF; false "
+                        "for images whose mirror image is another class or no image at all (digits, text)",
+                        applies=RANDOM_VIEWS)
     # DALI
     # The default is the faster of the two on a GPU (docs/benchmarks.md); "torch" keeps the exact TF colour
     # ops (README: deviations).

@@ -411,6 +411,25 @@ def test_data_crop_scale_reaches_both_recipes_and_bounds_the_crops(recipe):
         loaders.spec_from_config(LoaderConfig(augment=recipe, crop_scale=(0.9, 0.5)))
 
 
+@pytest.mark.parametrize("recipe", ["simclr", "finetune"])
+def test_data_flip_false_never_mirrors_a_view(recipe):
+    """--data.flip=false (digits and text, whose mirror image is another class) turns the flip of both
+    random recipes off; by default (TF) about half the views are mirrored."""
+    import loaders
+    from loaders.config import LoaderConfig
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, :16] = 255                                   # bright left half: a mirrored view is bright right
+    mirrored = {}
+    for flip in (True, False):
+        spec = loaders.spec_from_config(LoaderConfig(augment=recipe, image_size=32, crop_scale=(1.0, 1.0),
+                                                     flip=flip, jitter_strength=0.0, blur=False))
+        assert spec.flip is flip
+        rng = np.random.default_rng(0)
+        views = np.concatenate([A.geometry(img, spec, rng) for _ in range(200)])
+        mirrored[flip] = float((views[:, :, :16].mean((1, 2, 3)) < views[:, :, 16:].mean((1, 2, 3))).mean())
+    assert mirrored[False] == 0.0 and 0.4 < mirrored[True] < 0.6, mirrored
+
+
 def test_random_crop_fallback_is_clamped_centre_crop():
     crop = CropSpec(size=8, scale=(0.999, 1.0), attempts=1)
     boxes = A.sample_crop_boxes(100, 1000, 5, crop, np.random.default_rng(0), min_object_covered=0)
