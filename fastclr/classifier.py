@@ -37,6 +37,24 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, neck: nn.Module, fc: nn.Module):
         super().__init__()
         self.backbone, self.neck, self.fc = backbone, neck, fc
+        self.frozen_bn = False
+
+    def freeze_bn(self) -> "Classifier":
+        """Keep every BatchNorm in eval mode from now on, even when the loop calls ``train()``: it
+        normalises with the pretrained running statistics and does not update them, while its scale and
+        shift still learn. For few-label fine-tuning, where a batch of a handful of images gives noisy
+        batch statistics, and the running statistics of pretraining are already those the probe's
+        features were computed with."""
+        self.frozen_bn = True
+        return self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.neck(self.backbone(x))
@@ -200,6 +218,50 @@ def load_probe(ckpt_path: str, ft_proj_selector: int, num_classes: int, raw_pixe
 
 
 # ----------------------------------------------------------------------------- training a classifier
+def fit_probe_head(model: Classifier, loader, device: torch.device, dtype: torch.dtype,
+                   max_iter: int) -> dict[str, float]:
+    """The first stage of LP-FT (linear probing, then fine-tuning; Kumar et al., ICLR 2022): fit
+    ``model.fc`` as a logistic regression on the frozen features of ``loader`` (an eval loader over the
+    labelled images: centre crop, BN in eval mode), so that fine-tuning starts from a classifier that
+    already separates the classes instead of from zeros. With a handful of labels the gradients of a
+    zero-initialised layer reach the backbone as noise for the first steps and move the pretrained
+    features away before the layer has learned anything; a fitted layer makes the first updates small
+    and informed.
+
+    The fit is scikit-learn's default logistic regression: mean cross-entropy + |w|^2 / (2n) (C=1, the
+    bias not penalised), full batch, L-BFGS for at most ``max_iter`` iterations from zeros. The penalty
+    keeps the logits bounded on a separable handful of images (an unregularised fit grows them without
+    end, and fine-tuning from such a layer diverges); L-BFGS needs no learning rate, where SGD with
+    weight decay oscillates once lr * decay is large. Deterministic. Returns the fitted layer's loss and
+    accuracy on those features."""
+    from fastclr.metrics import extract
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        feats, labels = extract(model.features, loader, device, dtype)
+    model.train(was_training)
+    fc, n = model.fc, len(feats)
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.bias.zero_()
+    opt = torch.optim.LBFGS(fc.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def objective():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(fc(feats), labels) + 0.5 / n * fc.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    with torch.no_grad():
+        logits = fc(feats)
+        return {"probe_loss": float(F.cross_entropy(logits, labels)),
+                "probe_train_acc": float((logits.argmax(1) == labels).float().mean() * 100), "probe_images": n,
+                "probe_weight_norm": float(fc.weight.norm())}
+
+
 def cross_entropy(forward, batch):
     """loss_fn for the trainer: cross-entropy on the labels, and the batch's accuracy."""
     logits = forward(batch.views[0]).float()
@@ -209,7 +271,7 @@ def cross_entropy(forward, batch):
 
 def train_classifier(prog: str, cfg, run, model: nn.Module, arch: dict[str, Any], classes: list[str],
                      loss_fn, loader, vloader, make_optimizer, extra_log: dict[str, Any] | None = None,
-                     export_weights=None) -> int:
+                     export_weights=None, typed_cfg=None) -> int:
     """The loop of finetune.py, distill.py and linear_eval.py: the trainer, plus val top-1/top-5
     every run.eval_every epochs and at the end (``vloader`` on rank 0, None elsewhere), best.pt when
     top-1 improves (the last weights when there is no val set), and checkpoints that carry ``arch``
@@ -247,7 +309,7 @@ def train_classifier(prog: str, cfg, run, model: nn.Module, arch: dict[str, Any]
     task = Task(model=model, loss_fn=loss_fn, make_optimizer=make_optimizer, checkpoint_fields=fields,
                 load_fields=load_fields, on_epoch_end=on_epoch_end if run.val_path else None,
                 eval_every=cfg.run.eval_every, export_weights=export_weights)
-    trainer = Trainer(prog, cfg, run, task, loader)
+    trainer = Trainer(prog, cfg, run, task, loader, typed_cfg=typed_cfg)
     summary = trainer.fit()
     if dist.is_main() and not os.path.exists(best_path):
         ckpt.save(best_path, trainer.weights_state())  # no val set: the last weights

@@ -186,6 +186,18 @@ class TrainRunConfig(BaseRunConfig):
 class FinetuneConfig:
     ckpt: str = option("", "pretrain checkpoint (file, or run dir = its newest ckpt), or 'none' = from scratch")
     zero_init_head: bool = option(True, "zero-initialize the classifier (TF zero_init_logits_layer)")
+    min_steps: int = option(0, "at least this many optimizer steps: on a labelled set too small for optim.epochs "
+                               "to make them, the epochs (and warmup_epochs, run.eval_every) are stretched by the "
+                               "same factor, and the run says so; 0 = optim.epochs as given", ge=0)
+    probe_steps: int = option(0, "LP-FT: first fit the classifier as a linear probe (logistic regression, L-BFGS "
+                                 "for at most this many iterations) on the frozen features of the labelled images "
+                                 "(centre crop), then fine-tune everything from it; 0 = fine-tune from the "
+                                 "initialised classifier (the paper)", ge=0)
+    frozen_bn: bool = option(False, "BatchNorm stays in eval mode while fine-tuning: the pretrained running "
+                                    "statistics normalise and are not updated (scale and shift still learn); "
+                                    "False = batch statistics, as TF; needs a pretrained --ckpt",
+                             applies=("ckpt", lambda v: v.lower() != "none", " != none (random init has no "
+                                                                             "statistics to keep)"))
     data: DataConfig = field(default_factory=lambda: DataConfig(augment="finetune"))
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(

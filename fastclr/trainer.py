@@ -210,8 +210,11 @@ class Trainer:
     """``Trainer(prog, cfg, run, task, loader).fit()`` trains; ``finish(summary, message)`` writes the
     ``done`` record and prints the message."""
 
-    def __init__(self, prog: str, cfg, run: runtime.Run, task: Task, loader):
+    def __init__(self, prog: str, cfg, run: runtime.Run, task: Task, loader, typed_cfg=None):
         self.prog, self.cfg, self.run, self.task, self.loader = prog, cfg, run, task, loader
+        # What checkpoints record as the run's options: the config as typed, when ``cfg`` was derived from
+        # it (finetune's min_steps stretch), so that a resume with the same command compares equal.
+        self.typed_config = C.to_dict(typed_cfg if typed_cfg is not None else cfg)
         o = cfg.optim
         self.steps_per_epoch = len(loader) // o.grad_accum
         if self.steps_per_epoch == 0:
@@ -308,7 +311,7 @@ class Trainer:
         if self.task.export_weights is not None:
             weights = self.task.export_weights(weights)
         return {"model": weights, **fields, "step": self.step,
-                "epoch": self.step // self.steps_per_epoch, "config": C.to_dict(self.cfg)}
+                "epoch": self.step // self.steps_per_epoch, "config": self.typed_config}
 
     def _loader_states(self) -> dict | None:
         """A loader that keeps random state of its own (DALI's pipeline): every rank's, for exact

@@ -19,7 +19,6 @@ from .options import option
 # The conditions of the backend- and recipe-specific fields (loaders.options: option(applies=...)).
 TORCH, DALI, FFCV = ("data.backend", ("torch",)), ("data.backend", ("dali",)), ("data.backend", ("ffcv",))
 SIMCLR = ("data.augment", ("simclr",))
-RANDOM_VIEWS = ("data.augment", ("simclr", "finetune"))
 
 
 def _workers(cfg) -> Optional[str]:
@@ -27,6 +26,16 @@ def _workers(cfg) -> Optional[str]:
     if cfg.data.backend != "torch" or cfg.data.num_workers == 0:
         return (f"applies only with --data.backend=torch and --data.num_workers > 0 (here {cfg.data.backend}, "
                 f"{cfg.data.num_workers} workers)")
+    return None
+
+
+def _random_views(cfg) -> Optional[str]:
+    """data.flip's condition: a random recipe (simclr, finetune) that runs; linear_eval's fast path
+    trains on centre crops whatever data.augment says."""
+    if cfg.data.augment not in ("simclr", "finetune"):
+        return f"applies only with --data.augment=simclr|finetune (here {cfg.data.augment})"
+    if getattr(cfg, "fast", False):
+        return "applies only with --fast=false (the fast path trains on centre crops)"
     return None
 
 
@@ -60,7 +69,7 @@ class DataConfig:
                                              "image, as in TF)", gt=0, le=1)
     flip: bool = option(True, "random horizontal flip (p=0.5) in the simclr and finetune recipes, as TF; false "
                         "for images whose mirror image is another class or no image at all (digits, text)",
-                        applies=RANDOM_VIEWS)
+                        applies=_random_views)
     # DALI
     # The default is the faster of the two on a GPU (docs/benchmarks.md); "torch" keeps the exact TF colour
     # ops (README: deviations).

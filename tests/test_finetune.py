@@ -1,6 +1,7 @@
 """finetune.py: the network keeps the projection head up to layer k, a short run on the fixture folder
 (subset, eval, best.pt), exact resume, and one-line errors."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -80,16 +81,23 @@ def records(out):
 @pytest.mark.e2e
 def test_short_run_subset_eval_best_and_exact_resume(tmp_path, image_folder):
     fake_pretrain_ckpt(tmp_path / "pre" / "ckpt_00000001.pt")
+    # The preset as users run it (LP-FT's probe fit, the min_steps stretch), on a schedule the test can afford
     base = ["demo_1pct", f"--ckpt={tmp_path / 'pre'}", f"--data.path={image_folder}",
             f"--run.val_path={image_folder}", "--subset.fraction=0.5", "--optim.epochs=2", "--run.eval_every=1",
-            *TINY]
-    # 12 labelled images / batch 4 = 3 steps per epoch, 6 steps
+            "--min_steps=8", *TINY]
+    # 12 labelled images / batch 4 = 3 steps per epoch: 2 epochs make 6 steps, stretched to min_steps 8
     assert ft.main(base + [f"--run.out_dir={tmp_path / 'a'}", "--run.ckpt_every=2", "--run.keep_last=0"]) == 0
     recs = records(tmp_path / "a")
     evals = [r for r in recs if r.get("event") == "eval"]
-    assert [r["step"] for r in evals] == [3, 6] and all(0 <= r["top1"] <= 100 for r in evals)
+    assert [r["step"] for r in evals] == [3, 6, 8] and all(0 <= r["top1"] <= 100 for r in evals)
     done = recs[-1]
-    assert done["event"] == "done" and done["step"] == 6 and done["labeled_images"] == 12
+    assert done["event"] == "done" and done["step"] == 8 and done["labeled_images"] == 12
+    assert done["schedule_stretched"]["epochs"] == [2.0, 8 / 3]
+    # LP-FT: the classifier starts fitted to the 12 labelled features of this (random) network; a
+    # zero-initialized one gives exactly the chance loss ln 4 on every batch, the first step included
+    assert done["probe_images"] == 12 and done["probe_train_acc"] > 25 and done["probe_loss"] < math.log(4)
+    first = next(r for r in recs if r.get("step") == 1 and "loss" in r)
+    assert first["loss"] < math.log(4) - 0.1, first
     subset = (tmp_path / "a" / "labels_subset.txt").read_text().splitlines()
     assert len(subset) == 12
     best = ck.load(tmp_path / "a" / "best.pt")
@@ -101,12 +109,12 @@ def test_short_run_subset_eval_best_and_exact_resume(tmp_path, image_folder):
 
     # exact resume: a run dir holding only the step-4 checkpoint (mid-epoch 2) of that run, resumed with
     # resume=auto and DataLoader workers (the presets' default), ends where the uninterrupted run ended
-    assert [s for s, _ in ck.list_checkpoints(tmp_path / "a")] == [2, 3, 4, 6]
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "a")] == [2, 3, 4, 6, 8]
     b = tmp_path / "b"
     b.mkdir()
     (b / "ckpt_00000004.pt").write_bytes((tmp_path / "a" / "ckpt_00000004.pt").read_bytes())
     assert ft.main(base + [f"--run.out_dir={b}", "--run.resume=auto", "--data.num_workers=2"]) == 0
-    assert [r["step"] for r in records(b) if r.get("event") == "eval"] == [6]
+    assert [r["step"] for r in records(b) if r.get("event") == "eval"] == [6, 8]
     wa = ck.load(ck.list_checkpoints(tmp_path / "a")[-1][1])["model"]
     wb = ck.load(ck.list_checkpoints(b)[-1][1])["model"]
     for key in wa:
@@ -136,3 +144,91 @@ def test_scratch_baseline_and_one_line_errors(tmp_path, image_folder, capsys):
                                         f"--data.file_list={tmp_path}/x"])
     assert "fine-tuned checkpoint" in error([f"--ckpt={out / 'best.pt'}"])
     assert "not found" in error(["--ckpt=none", "--subset.list=no_such_list.txt"])
+
+
+def test_min_steps_stretches_the_schedule_and_its_period():
+    cfg = C.FinetuneConfig()
+    cfg.min_steps, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.run.eval_every = 400, 10, 1, 2
+    extra = {}
+    got = ft.stretch_schedule(cfg, 1, extra)      # 10 steps -> 400: 40x
+    assert got.optim.epochs == 400 and got.optim.warmup_epochs == 40 and got.run.eval_every == 80
+    assert (cfg.optim.epochs, cfg.run.eval_every) == (10, 2)         # the typed config is left as it was
+    assert extra["schedule_stretched"]["epochs"] == [10, 400]
+    assert ft.stretch_schedule(cfg, 40, {}) is cfg                     # 400 steps already: unchanged
+    cfg.min_steps = 0
+    assert ft.stretch_schedule(cfg, 1, {}) is cfg
+
+
+def test_probe_fit_separates_what_a_linear_layer_can():
+    """LP-FT's first stage fits the classifier on frozen features: on linearly separable features it
+    reaches 100 % train accuracy, leaves the features untouched and the model in the mode it was in."""
+    torch.manual_seed(0)
+    centres = torch.randn(3, 8) * 3
+    labels = torch.arange(3).repeat(10)
+    feats = centres[labels] + 0.3 * torch.randn(30, 8)
+
+    class Loader:
+        last_indices = None
+
+        def __iter__(self):
+            from loaders.base import Batch
+            for i in range(0, 30, 8):
+                self.last_indices = list(range(i, min(30, i + 8)))
+                yield Batch([feats[i:i + 8, :, None, None]], labels[i:i + 8])
+
+    model = classifier.Classifier(torch.nn.Flatten(), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    torch.nn.init.zeros_(model.fc.weight)
+    model.neck.eval()
+    model.train()
+    bn = {k: v.clone() for k, v in model.neck.state_dict().items()}
+    fit = classifier.fit_probe_head(model, Loader(), torch.device("cpu"), torch.float32, 200)
+    assert fit["probe_train_acc"] == 100.0 and fit["probe_images"] == 30 and fit["probe_loss"] < 0.3
+    assert model.training
+    for k, v in model.neck.state_dict().items():     # eval mode while extracting: BN statistics unchanged
+        assert torch.equal(v, bn[k]), k
+    # the L2 penalty (scikit-learn's C=1) bounds the layer: at its optimum the gradient of the mean
+    # cross-entropy balances w / n, which an unregularised fit of separable data never reaches
+    with torch.no_grad():
+        f = model.eval().features(feats[:, :, None, None])
+    w = model.fc.weight.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(f @ w.T + model.fc.bias.detach(), labels), w)
+    assert torch.allclose(g, -w.detach() / 30, atol=1e-4), (g + w / 30).abs().max()
+
+
+def test_frozen_bn_keeps_pretrained_statistics_and_learns_scale_and_shift():
+    """frozen_bn: after freeze_bn, train() leaves every BN in eval mode: a training step normalises with
+    the running statistics (the output equals eval mode's), leaves them unchanged, and still moves the
+    BN's scale and shift. Without it the same step updates the statistics (TF's behaviour)."""
+    torch.manual_seed(0)
+
+    def make():
+        torch.manual_seed(0)
+        m = classifier.Classifier(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                                      torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                                  torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        m.backbone[1].running_mean.fill_(0.5)
+        m.neck.running_var.fill_(2.0)
+        return m
+
+    x = torch.randn(5, 3, 8, 8) + 1.0
+    frozen, plain = make().freeze_bn(), make()
+    for model in (frozen, plain):
+        model.train()
+        assert model.training and model.fc.training
+        stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+        with torch.no_grad():
+            ref = model.eval()(x)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 0, 1, 0])).backward()
+        before = model.backbone[1].weight.detach().clone()
+        opt.step()
+        assert not torch.equal(model.backbone[1].weight, before)      # scale still learns
+        changed = [k for k, v in model.state_dict().items() if "running" in k and not torch.equal(v, stats[k])]
+        if model is frozen:
+            assert not model.backbone[1].training and not model.neck.training
+            assert changed == [] and torch.allclose(out.detach(), ref, atol=1e-6)
+        else:
+            assert set(changed) >= {"backbone.1.running_mean", "neck.running_var"}
+            assert not torch.allclose(out.detach(), ref, atol=1e-3)
