@@ -63,16 +63,27 @@ def judge(res: dict, quick: bool = False) -> list:
     return out
 
 
-def val_subset(src: str, dst: str) -> None:
-    """DST: a class-balanced 10 % draw of SRC (seed 0) as symlinks, made in DST.tmp then renamed."""
+def link_split(src: str, dst: str, fraction: float, parts: tuple[str | None, str | None] = (None, "")) -> int:
+    """A class-balanced draw of ``fraction`` of the ImageFolder SRC (seed 0) as symlinks under DST, made
+    in DST.tmp then renamed: the drawn images go to DST/parts[1], the others to DST/parts[0] (None:
+    left out; "": DST itself). Returns how many were drawn."""
     from loaders.subsets import balanced_draw, folder_entries
     entries = folder_entries(src)
+    drawn = {int(i) for i in balanced_draw([lab for _, lab in entries], fraction, seed=0)}
     tmp = dst + ".tmp"
-    for i in balanced_draw([lab for _, lab in entries], 0.1, seed=0):
-        rel = entries[i][0]
-        os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
-        os.symlink(os.path.join(os.path.abspath(src), rel), os.path.join(tmp, rel))
+    for i, (rel, _) in enumerate(entries):
+        part = parts[i in drawn]
+        if part is None:
+            continue
+        os.makedirs(os.path.join(tmp, part, os.path.dirname(rel)), exist_ok=True)
+        os.symlink(os.path.join(os.path.abspath(src), rel), os.path.join(tmp, part, rel))
     os.replace(tmp, dst)
+    return len(drawn)
+
+
+def val_subset(src: str, dst: str) -> None:
+    """DST: a class-balanced 10 % draw of SRC (seed 0) as symlinks."""
+    link_split(src, dst, 0.1)
 
 
 def done(run_dir: str) -> dict:
