@@ -26,34 +26,31 @@ from loaders.subsets import folder_entries
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Fine-tuning variants: options added to `finetune.py demo_{1pct,10pct}`. A value may be a dict keyed by
-# fraction. Batch sizes larger than a tiny labelled subset are lowered to it (per run, printed).
+
+def recipe(probe_steps: int, min_steps: int, frozen_bn: bool, base_lr: float, crop: str, flip: bool = True) -> dict:
+    """Every option a variant's recipe sets, so a variant means the same whatever the presets become."""
+    return {"probe_steps": probe_steps, "min_steps": min_steps, "frozen_bn": str(frozen_bn).lower(),
+            "optim.base_lr": base_lr, "data.crop_scale": crop, "data.flip": str(flip).lower()}
+
+
+# Fine-tuning variants: options added to `finetune.py demo_{1pct,10pct}` ("preset": the presets as they
+# are). Batch sizes larger than a tiny labelled subset are lowered to it (per run, printed). The names:
+# lpft = probe_steps 500, fbn = frozen BN, lrX = base lr 0.X, crop60 = crop area 0.6-1, _60 = no
+# min_steps (60 steps at 1 % of digits), nf = no flip.
 VARIANTS: dict[str, dict] = {
     "preset": {},
-    "steps": {"min_steps": 400},
-    "lpft_steps": {"probe_steps": 500, "min_steps": 400},
-    "lpft_fbn": {"probe_steps": 500, "min_steps": 400, "frozen_bn": "true"},
-    "lpft_fbn_lr005_crop60": {"probe_steps": 500, "min_steps": 400, "frozen_bn": "true", "optim.base_lr": 0.005,
-                              "data.crop_scale": "0.6,1.0"},
-    "lpft_fbn_lr0015_crop60": {"probe_steps": 500, "min_steps": 400, "frozen_bn": "true", "optim.base_lr": 0.0015,
-                               "data.crop_scale": "0.6,1.0"},
-    "lpft_lr005_crop60": {"probe_steps": 500, "min_steps": 400, "optim.base_lr": 0.005,
-                          "data.crop_scale": "0.6,1.0"},
-    "lpft_fbn_crop60": {"probe_steps": 500, "frozen_bn": "true", "data.crop_scale": "0.6,1.0"},
-    "lpft_fbn_lr005_crop60_60": {"probe_steps": 500, "frozen_bn": "true", "optim.base_lr": 0.005,
-                                 "data.crop_scale": "0.6,1.0"},
     "nf_preset": {"data.flip": "false"},
-    "nf_lpft_fbn_lr005_crop60": {"probe_steps": 500, "min_steps": 400, "frozen_bn": "true", "optim.base_lr": 0.005,
-                                 "data.crop_scale": "0.6,1.0", "data.flip": "false"},
-    "nf_lpft_fbn_lr015_crop60": {"probe_steps": 500, "min_steps": 400, "frozen_bn": "true", "optim.base_lr": 0.015,
-                                 "data.crop_scale": "0.6,1.0", "data.flip": "false"},
-    "nf_lpft_lr005_crop60": {"probe_steps": 500, "min_steps": 400, "optim.base_lr": 0.005,
-                             "data.crop_scale": "0.6,1.0", "data.flip": "false"},
-    "lpft_fbn_lr015_crop60": {"probe_steps": 500, "min_steps": 400, "frozen_bn": "true", "optim.base_lr": 0.015,
-                              "data.crop_scale": "0.6,1.0"},
-    "old_recipe": {"probe_steps": 0, "min_steps": 0, "frozen_bn": "false", "optim.base_lr": 0.05,
-                   "data.crop_scale": "0.35,1.0"},
-    "lpft_steps_lr005": {"probe_steps": 500, "min_steps": 400, "optim.base_lr": 0.005},
+    "old_recipe": recipe(0, 0, False, 0.05, "0.35,1.0"),                 # demo_1pct/10pct before LP-FT
+    "nf_old_recipe": recipe(0, 0, False, 0.05, "0.35,1.0", flip=False),
+    "lpft_fbn": recipe(500, 400, True, 0.05, "0.35,1.0"),
+    "lpft_fbn_crop60": recipe(500, 0, True, 0.05, "0.6,1.0"),
+    "lpft_fbn_lr005_crop60": recipe(500, 400, True, 0.005, "0.6,1.0"),
+    "lpft_fbn_lr005_crop60_60": recipe(500, 0, True, 0.005, "0.6,1.0"),
+    "lpft_lr005_crop60": recipe(500, 400, False, 0.005, "0.6,1.0"),
+    "lpft_fbn_lr015_crop60": recipe(500, 400, True, 0.015, "0.6,1.0"),    # the presets now
+    "nf_lpft_fbn_lr005_crop60": recipe(500, 400, True, 0.005, "0.6,1.0", flip=False),
+    "nf_lpft_lr005_crop60": recipe(500, 400, False, 0.005, "0.6,1.0", flip=False),
+    "nf_lpft_fbn_lr015_crop60": recipe(500, 400, True, 0.015, "0.6,1.0", flip=False),
 }
 FRACTIONS = {"1pct": 0.01, "10pct": 0.1}
 
@@ -93,12 +90,8 @@ def run_one(script: str, preset: str, args: list[str], out: Path, threads: int) 
     return rec
 
 
-def variant_args(spec: dict, frac: str) -> list[str]:
-    out = []
-    for k, v in spec.items():
-        v = v[frac] if isinstance(v, dict) else v
-        out.append(f"--{k}={v}")
-    return out
+def variant_args(spec: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in spec.items()]
 
 
 def grid(data: str, val: str, pretrain: str, out: str, variants: list[str], seeds: list[int],
@@ -111,7 +104,7 @@ def grid(data: str, val: str, pretrain: str, out: str, variants: list[str], seed
         batch_ft = {"1pct": 64, "10pct": 128}[frac]
         batch_le = {"1pct": 64, "10pct": 256}[frac]
         rows = [("linear", "linear_eval.py", [f"--ckpt={pretrain}"], batch_le)] if probe else []
-        rows += [(v, "finetune.py", [f"--ckpt={pretrain}", *variant_args(VARIANTS[v], frac)], batch_ft)
+        rows += [(v, "finetune.py", [f"--ckpt={pretrain}", *variant_args(VARIANTS[v])], batch_ft)
                  for v in variants]
         for name, script, extra, batch in rows:
             accs, walls = [], []
