@@ -94,7 +94,7 @@ DATA=(--data.path="$DEMO/train" --run.val_path="$VAL")
 # Schedules: the presets (docs/semisup.md), shortened in a smoke run.
 if [ "$QUICK" = 1 ]; then
   PRE_X=(--run.max_steps=10 --run.knn_eval=false)
-  FT_X=(--optim.epochs=2 --run.eval_every=0)
+  FT_X=(--optim.epochs=2 --run.eval_every=0 --min_steps=0)  # min_steps would stretch 2 epochs to 400 steps
   DI_X=(--run.max_steps=5 --run.eval_every=0)
   LE_X=(--optim.epochs=3 --run.eval_every=0)
 else
