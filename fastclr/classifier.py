@@ -39,7 +39,7 @@ class Classifier(nn.Module):
         self.backbone, self.neck, self.fc = backbone, neck, fc
         self.frozen_bn = False
 
-    def freeze_bn(self) -> "Classifier":
+    def freeze_bn(self) -> Classifier:
         """Keep every BatchNorm in eval mode from now on, even when the loop calls ``train()``: it
         normalises with the pretrained running statistics and does not update them, while its scale and
         shift still learn. For few-label fine-tuning, where a batch of a handful of images gives noisy
