@@ -95,7 +95,7 @@ def train(cfg: FinetuneConfig) -> int:
                     f"features (L-BFGS, at most {cfg.probe_steps} iterations): train accuracy "
                     f"{fit['probe_train_acc']:.1f}%, loss {fit['probe_loss']:.3f}")
 
-    # ------------------------------------------------------------------ the loop (BN in train mode as TF, unless frozen_bn)
+    # ------------------------------------------------------------------ the loop (BN: TF's train mode or frozen_bn)
     return train_classifier(PROG, cfg, run, model, arch, classes, cross_entropy, loader, vloader,
                             classifier_optimizer(cfg.optim), extra_log=extra, typed_cfg=typed)
 
@@ -112,7 +112,8 @@ def stretch_schedule(cfg: FinetuneConfig, steps_per_epoch: int, extra: dict) -> 
     optim = dataclasses.replace(o, epochs=cfg.min_steps / steps_per_epoch, warmup_epochs=o.warmup_epochs * factor)
     eval_every = max(1, round(cfg.run.eval_every * factor)) if cfg.run.eval_every else 0
     extra.update(schedule_stretched={"min_steps": cfg.min_steps, "steps_per_epoch": steps_per_epoch,
-                                     "epochs": [o.epochs, optim.epochs], "eval_every": [cfg.run.eval_every, eval_every]})
+                                     "epochs": [o.epochs, optim.epochs],
+                                     "eval_every": [cfg.run.eval_every, eval_every]})
     dist.print0(f"{PROG}: {steps_per_epoch} steps/epoch would make {round(o.epochs * steps_per_epoch)} steps; "
                 f"min_steps={cfg.min_steps}: optim.epochs {o.epochs:g} -> {optim.epochs:g}"
                 + (f", warmup_epochs {o.warmup_epochs:g} -> {optim.warmup_epochs:g}" if o.warmup_epochs else "")
