@@ -95,7 +95,7 @@ def make_plan(device: str, quick: bool) -> Plan:
                         step_iters=3, step_variants=["eager", "graph"], step_batches=[], e2e_arch="r18_1x_sk0",
                         e2e_batch=64, e2e_warmup=4, e2e_iters=3)
         return p
-    # fp32 and bf16 side by side: at the plan's size and at the demo's 32 px (8x8 maps after the stem),
+    # fp32 and bf16 side by side: at the plan's size and at 32 px (8x8 maps after the ImageNet stem),
     # the two sides of run.precision=auto's rule (fastclr.runtime.auto_precision).
     p = Plan(workers=min(cores, 8), precision_dtypes=["fp32", "bf16"], precision_sizes=[32])
     if quick:

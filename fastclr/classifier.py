@@ -24,7 +24,8 @@ from fastclr.runtime import UserError
 
 # The format tag of a file written by ``python -m fastclr.zoo convert`` (a released TF model).
 ZOO_FORMAT = "fastclr.zoo/1"
-ARCH_KEYS = ("depth", "width", "sk_ratio", "cifar_stem", "num_proj_layers", "proj_out_dim", "tf_maxpool")
+ARCH_KEYS = ("depth", "width", "sk_ratio", "cifar_stem", "num_proj_layers", "proj_out_dim", "tf_maxpool",
+             "base_channels", "stem_stride")
 
 
 class Classifier(nn.Module):
@@ -86,7 +87,7 @@ class RawPixels(nn.Module):
 
 
 # What a checkpoint written before a key existed means by its absence.
-_ARCH_DEFAULTS = {"tf_maxpool": False}
+_ARCH_DEFAULTS = {"tf_maxpool": False, "base_channels": 64, "stem_stride": 1}
 
 
 def full_arch(arch: dict[str, Any]) -> dict[str, Any]:

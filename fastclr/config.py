@@ -39,14 +39,28 @@ def _architecture_applies(cfg) -> Optional[str]:
 ARCH = _architecture_applies
 
 
+def _cifar_stem_applies(cfg) -> Optional[str]:
+    why = _architecture_applies(cfg)
+    if why is None and not cfg.model.cifar_stem:
+        return "applies only with --model.cifar_stem=true (the ImageNet stem has its own strides)"
+    return why
+
+
+
 @dataclass
 class ModelConfig:
     name: str = option("", "model preset (r50_1x_sk0, r152_3x_sk1, ...): sets depth/width/sk_ratio; empty = use "
                        "them", applies=ARCH)
-    depth: int = option(50, "ResNet depth", (18, 34, 50, 101, 152, 200), applies=ARCH)
+    depth: int = option(50, "ResNet depth (10: one basic block per group, for small images on a CPU)",
+                        (10, 18, 34, 50, 101, 152, 200), applies=ARCH)
     width: int = option(1, "width multiplier (4: SimCLRv1's ResNet-50 4x)", (1, 2, 3, 4), applies=ARCH)
     sk_ratio: float = option(0.0, "selective kernels: 0 (off) or 0.0625 (SimCLRv2 SK)", ge=0, lt=1, applies=ARCH)
     cifar_stem: bool = option(False, "3x3 stride-1 stem without max-pool, for 32px images", applies=ARCH)
+    stem_stride: int = option(1, "stride of the cifar stem's conv (2: half the resolution after the stem, a quarter "
+                              "of the compute)", (1, 2), applies=_cifar_stem_applies)
+    base_channels: int = option(64, "channels of the first ResNet group, doubled by each next one and times width "
+                                "(64: the paper's ResNets; 32 or 16: small networks for CPU runs)", ge=2,
+                                applies=ARCH)
     tf_maxpool: bool = option(False, "pad the stem's max-pool as TF 'SAME' does (0 before, 1 after on even sizes) "
                               "instead of torchvision's (1, 1): set by fastclr.zoo for converted TF models",
                               applies=ARCH)

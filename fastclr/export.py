@@ -11,7 +11,8 @@ backbone state_dict *is* a torchvision ``resnet{depth}`` state_dict without ``fc
     m.load_state_dict(torch.load("r50_backbone.pt", weights_only=True))
 
 (or keep a classifier: ``m.load_state_dict(sd, strict=False)`` leaves ``fc`` at its random init).
-Anything else (selective kernels, width 2x/3x, cifar_stem, depth 200) has no torchvision
+Anything else (selective kernels, width 2x/3x, cifar_stem, depth 10 or 200, base channels other than 64)
+has no torchvision
 counterpart: the same file then holds a fastclr backbone state_dict, and the CLI prints how to load it.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 
 
-def torchvision_incompatibility(depth: int, width: int, sk_ratio: float, cifar_stem: bool = False) -> str | None:
+def torchvision_incompatibility(depth: int, width: int, sk_ratio: float, cifar_stem: bool = False,
+                                base_channels: int = 64, stem_stride: int = 1) -> str | None:
     """Why this architecture has no torchvision resnet counterpart, or None if it has one."""
     reasons = []
     if sk_ratio > 0:
@@ -40,7 +42,9 @@ def torchvision_incompatibility(depth: int, width: int, sk_ratio: float, cifar_s
     if width != 1:
         reasons.append(f"width {width}x")
     if cifar_stem:
-        reasons.append("cifar_stem")
+        reasons.append("cifar_stem" + (f" at stride {stem_stride}" if stem_stride != 1 else ""))
+    if base_channels != 64:
+        reasons.append(f"{base_channels} base channels")
     if depth not in TORCHVISION_DEPTHS:
         reasons.append(f"depth {depth}")
     return ", ".join(reasons) or None
@@ -54,7 +58,7 @@ def _unwrap_key(key: str) -> str:
 
 
 def export_backbone(model_or_state_dict, depth: int, width: int = 1, sk_ratio: float = 0.0,
-                    cifar_stem: bool = False) -> dict[str, torch.Tensor]:
+                    cifar_stem: bool = False, base_channels: int = 64, stem_stride: int = 1) -> dict[str, torch.Tensor]:
     """Backbone state_dict out of a SimCLRModel / backbone (module or state_dict), checked.
 
     Accepts ``backbone.*`` keys (a SimCLRModel; head keys are dropped) or bare backbone keys, with
@@ -69,8 +73,10 @@ def export_backbone(model_or_state_dict, depth: int, width: int = 1, sk_ratio: f
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     with torch.device("meta"):
-        ref = build_backbone(depth, width, sk_ratio, cifar_stem).state_dict()
-    name = model_name(depth, width, sk_ratio) + ("_cifar" if cifar_stem else "")
+        ref = build_backbone(depth, width, sk_ratio, cifar_stem, base_channels=base_channels,
+                             stem_stride=stem_stride).state_dict()
+    name = (model_name(depth, width, sk_ratio) + ("_cifar" if cifar_stem else "")
+            + (f"_c{base_channels}" if base_channels != 64 else ""))
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
     if missing or unexpected:
@@ -94,9 +100,10 @@ def _load(path: str):
 
 
 def _arch(args, config: dict) -> dict:
-    """depth/width/sk_ratio/cifar_stem: flags override the checkpoint's config['model'], where a
-    non-empty preset ``name`` (r50_1x_sk0, ...) sets depth/width/sk_ratio, as in training."""
-    arch = {k: config.get(k) for k in ("depth", "width", "sk_ratio", "cifar_stem")}
+    """depth/width/sk_ratio/cifar_stem/base_channels/stem_stride: flags override the checkpoint's
+    config['model'], where a non-empty preset ``name`` (r50_1x_sk0, ...) sets depth/width/sk_ratio, as in
+    training."""
+    arch = {k: config.get(k) for k in ("depth", "width", "sk_ratio", "cifar_stem", "base_channels", "stem_stride")}
     if isinstance(config.get("name"), str) and config["name"]:
         try:
             arch.update(parse_model_name(config["name"]))
@@ -109,7 +116,8 @@ def _arch(args, config: dict) -> dict:
         raise UserError("no architecture: the file has no config['model'] section; pass --depth (and --width, "
                         "--sk-ratio, --cifar-stem if not the defaults 1, 0, off)")
     return {"depth": int(arch["depth"]), "width": int(arch["width"] or 1),
-            "sk_ratio": float(arch["sk_ratio"] or 0.0), "cifar_stem": bool(arch["cifar_stem"])}
+            "sk_ratio": float(arch["sk_ratio"] or 0.0), "cifar_stem": bool(arch["cifar_stem"]),
+            "base_channels": int(arch["base_channels"] or 64), "stem_stride": int(arch["stem_stride"] or 1)}
 
 
 def _save(obj, path: str) -> None:
@@ -130,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "without fc. Load it with:\n"
         "    m = torchvision.models.resnet50(); m.fc = torch.nn.Identity()\n"
         "    m.load_state_dict(torch.load('OUT.pt', weights_only=True))\n"
-        "SK, 2x/3x, cifar_stem or depth-200 models have no torchvision twin: OUT.pt then holds a fastclr\n"
+        "SK, 2x/3x, cifar_stem, depth-10/200 or other than 64 base channels have no torchvision twin: OUT.pt then holds a fastclr\n"
         "backbone state_dict, and the command prints the build_backbone(...) call that loads it.",
         epilog="examples:\n"
         "  python -m fastclr.export runs/r50/ckpt_00500000.pt r50.pt\n"
@@ -142,12 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a bare SimCLRModel / backbone state_dict")
     p.add_argument("out", help="where to write the backbone state_dict (.pt)")
     g = p.add_argument_group("architecture (read from the checkpoint's config['model']; flags override it)")
-    g.add_argument("--depth", type=int, default=None, help="18, 34, 50, 101, 152 or 200")
+    g.add_argument("--depth", type=int, default=None, help="10, 18, 34, 50, 101, 152 or 200")
     g.add_argument("--width", type=int, default=None, help="width multiplier 1, 2 or 3 (default 1)")
     g.add_argument("--sk-ratio", dest="sk_ratio", type=float, default=None,
                    help="selective-kernel ratio: 0 (default) or 0.0625 (the release's sk1)")
     g.add_argument("--cifar-stem", dest="cifar_stem", action="store_true", default=None,
-                   help="the model uses the 3x3 stride-1 stem without max-pool")
+                   help="the model uses the 3x3 stem without max-pool")
+    g.add_argument("--base-channels", dest="base_channels", type=int, default=None,
+                   help="channels of the first group (default 64)")
+    g.add_argument("--stem-stride", dest="stem_stride", type=int, choices=(1, 2), default=None,
+                   help="stride of the cifar stem's conv (default 1)")
     return p
 
 
@@ -189,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
               f"m.load_state_dict(torch.load({args.out!r}, weights_only=True))")
     else:
         call = (f"depth={arch['depth']}, width={arch['width']}, sk_ratio={arch['sk_ratio']}"
-                + (", cifar_stem=True" if arch["cifar_stem"] else ""))
+                + (", cifar_stem=True" if arch["cifar_stem"] else "")
+                + (f", base_channels={arch['base_channels']}" if arch["base_channels"] != 64 else "")
+                + (f", stem_stride={arch['stem_stride']}" if arch["stem_stride"] != 1 else ""))
         print(f"not torchvision-compatible ({why}): saved a fastclr backbone state_dict ({n / 1e6:.1f}M params) "
               f"to {args.out}; load: fastclr.models.build_backbone({call})"
               f".load_state_dict(torch.load({args.out!r}, weights_only=True))")

@@ -180,7 +180,8 @@ def cpu_has_native_bf16() -> bool:
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
-def auto_precision(device: torch.device, image_size: Optional[int] = None, cifar_stem: bool = False) -> Tuple[str, str]:
+def auto_precision(device: torch.device, image_size: Optional[int] = None, cifar_stem: bool = False,
+                   stem_stride: int = 1) -> Tuple[str, str]:
     """(precision, why) for run.precision=auto: bf16 on GPU; on a CPU, bf16 where the CPU has native
     bf16 and the stem's output is at least CPU_BF16_MIN_STEM_SIDE a side (``image_size`` None: not
     limiting), else fp32."""
@@ -188,7 +189,7 @@ def auto_precision(device: torch.device, image_size: Optional[int] = None, cifar
         return "bf16", "GPU"
     if not cpu_has_native_bf16():
         return "fp32", "this CPU has no native bf16 (AVX512-BF16 or AMX)"
-    side = None if image_size is None else (image_size if cifar_stem else image_size // 4)
+    side = None if image_size is None else (image_size // stem_stride if cifar_stem else image_size // 4)
     if side is not None and side < CPU_BF16_MIN_STEM_SIDE:
         return "fp32", (f"native bf16 on this CPU, but {image_size} px images leave {side}x{side} maps after the "
                         f"stem, too small for bf16 to be faster")
@@ -455,8 +456,9 @@ def start_run(cfg, min_batch: int = 1) -> Run:
     device = resolve_device(cfg.run.device)
     precision = cfg.run.precision
     if precision == "auto":
-        cifar_stem = bool(getattr(getattr(cfg, "model", None), "cifar_stem", False))
-        precision, why = auto_precision(device, cfg.data.image_size, cifar_stem)
+        model = getattr(cfg, "model", None)
+        precision, why = auto_precision(device, cfg.data.image_size, bool(getattr(model, "cifar_stem", False)),
+                                        int(getattr(model, "stem_stride", 1)))
         if device.type == "cpu":  # the rule depends on the CPU and the input: say what it chose
             dist.print0(f"run.precision=auto: {precision} ({why})")
     dtype = resolve_precision(precision, device)

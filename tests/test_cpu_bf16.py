@@ -14,7 +14,7 @@ from loaders.augment.spec import simclr
 @pytest.mark.parametrize("caps, size, cifar, want", [
     ({"avx512_bf16": True}, 224, False, "bf16"),
     ({"amx_bf16": True}, 64, False, "bf16"),       # 16x16 after the ImageNet stem: the threshold
-    ({"amx_bf16": True}, 32, False, "fp32"),       # the demo: 8x8 after the stem
+    ({"amx_bf16": True}, 32, False, "fp32"),       # 8x8 after the ImageNet stem
     ({"avx512_bf16": True}, 32, True, "bf16"),     # the CIFAR stem keeps 32x32
     ({"avx512_bf16": True}, None, False, "bf16"),  # no image size given: not limiting
     ({"avx512_bf16": False, "amx_bf16": False}, 224, False, "fp32"),
@@ -28,6 +28,14 @@ def test_auto_precision_on_the_cpu(monkeypatch, caps, size, cifar, want):
     assert runtime.resolve_precision("auto", cpu, size, cifar) == runtime.parse_dtype(want)
     assert runtime.resolve_precision("fp32", cpu, size, cifar) == torch.float32  # asked for: kept
     assert runtime.auto_precision(torch.device("cuda"), size, cifar)[0] == "bf16"
+
+
+def test_auto_precision_counts_the_stride_of_the_cifar_stem(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    cpu = torch.device("cpu")
+    assert runtime.auto_precision(cpu, 32, True, stem_stride=2)[0] == "bf16"   # 16x16 after the stem
+    name, why = runtime.auto_precision(cpu, 16, True, stem_stride=2)          # 8x8
+    assert name == "fp32" and "8x8" in why
 
 
 def test_a_query_that_fails_means_no_native_bf16(monkeypatch):

@@ -131,6 +131,26 @@ def test_cli_sk_model_saved_as_fastclr_with_message(tmp_path, capsys):
         torch.testing.assert_close(loaded(x), model.backbone(x))
 
 
+def test_cli_small_network_saved_as_fastclr_from_its_config(tmp_path, capsys):
+    torch.manual_seed(0)
+    small = dict(depth=10, cifar_stem=True, stem_stride=2, base_channels=16)
+    model = randomize(build_model(**small), 3).eval()
+    ckpt = save_checkpoint(tmp_path / "small.pt", model, **small)
+    out = tmp_path / "small_backbone.pt"
+    assert main([ckpt, str(out)]) == 0
+    msg = capsys.readouterr().out.strip()
+    assert "\n" not in msg and "cifar_stem at stride 2, 16 base channels, depth 10" in msg
+    assert "build_backbone(depth=10, width=1, sk_ratio=0.0, cifar_stem=True, base_channels=16, stem_stride=2)" in msg
+    loaded = build_backbone(**small).eval()
+    loaded.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.backbone(x))
+    # A config without the new keys (an older checkpoint) means the defaults: 64 channels, stride 1.
+    assert main([save_checkpoint(tmp_path / "old.pt", build_model(18)), str(out)]) == 0
+    assert torch.load(out, weights_only=True)["layer1.0.conv1.weight"].shape[0] == 64
+
+
 def test_cli_flags_override_config(tmp_path, models, capsys):
     ckpt = save_checkpoint(tmp_path / "c.pt", models[18], depth=34)  # wrong config...
     assert main([ckpt, str(tmp_path / "o.pt")]) == 2

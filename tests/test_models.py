@@ -117,8 +117,45 @@ def test_real_tiny_forward_cifar_stem():
     assert h.shape == (2, 512) and z.shape == (2, 32) and torch.isfinite(z).all()
 
 
+def _feature_map_sides(backbone: nn.Module, size: int) -> list[int]:
+    sides = []
+    hooks = [getattr(backbone, f"layer{i}").register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
+             for i in range(1, 5)]
+    with torch.no_grad():
+        backbone(torch.rand(2, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return sides
+
+
+@pytest.mark.parametrize("depth,base,stride,sides", [
+    (10, 32, 2, [16, 8, 4, 2]), (10, 16, 1, [32, 16, 8, 4]), (18, 32, 2, [16, 8, 4, 2])])
+def test_small_networks_channels_blocks_and_resolution(depth, base, stride, sides):
+    torch.manual_seed(0)
+    model = build_model(depth, cifar_stem=True, stem_stride=stride, base_channels=base)
+    bb = model.backbone
+    blocks = [len(getattr(bb, f"layer{i}")) for i in range(1, 5)]
+    assert blocks == ([1, 1, 1, 1] if depth == 10 else [2, 2, 2, 2])
+    assert bb.conv1.stride == (stride, stride) and bb.conv1.out_channels == base
+    assert [getattr(bb, f"layer{i}")[-1].conv2.out_channels for i in range(1, 5)] == [base * 2**i for i in range(4)]
+    assert bb.out_dim == 8 * base and model.head.layers[0].linear.in_features == 8 * base
+    assert _feature_map_sides(bb, 32) == sides
+    # With the defaults the network is exactly TF's R18 cifar stem one (same parameter shapes).
+    ref = {k: v.shape for k, v in build_backbone(18, cifar_stem=True).state_dict().items()}
+    assert {k: v.shape for k, v in build_backbone(18, cifar_stem=True, base_channels=64, stem_stride=1)
+            .state_dict().items()} == ref
+    # Half the base channels: every conv after the stem has a quarter of the weights (in and out halve).
+    half = build_backbone(depth, cifar_stem=True, base_channels=base // 2, stem_stride=stride)
+
+    def conv_weights(m: nn.Module) -> int:
+        return sum(c.weight.numel() for c in m.modules() if isinstance(c, nn.Conv2d))
+    assert [conv_weights(getattr(half, f"layer{i}")) * 4 for i in range(1, 5)] == [
+        conv_weights(getattr(bb, f"layer{i}")) for i in range(1, 5)]
+
+
 def test_bad_arguments_raise():
-    for kwargs in ({"depth": 51}, {"width": 0}, {"sk_ratio": -1.0}):
+    for kwargs in ({"depth": 51}, {"width": 0}, {"sk_ratio": -1.0}, {"base_channels": 7},
+                   {"stem_stride": 2}, {"cifar_stem": True, "stem_stride": 3}):
         with pytest.raises(ValueError):
             build_backbone(**kwargs)
 

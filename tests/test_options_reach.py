@@ -168,6 +168,10 @@ def test_conditions_read_like_the_user_would_type_them():
         options.parse_into(C.PretrainConfig(), ["--data.hw_decoder_load=0.5"], {})
     with pytest.raises(options.ConfigError, match=r"--loss.queue_momentum applies only with --loss.queue_size > 0"):
         options.parse_into(C.PretrainConfig(), ["--loss.queue_momentum=0.9"], {})
+    with pytest.raises(options.ConfigError, match=r"--model.stem_stride applies only with --model.cifar_stem=true"):
+        options.parse_into(C.PretrainConfig(), ["--model.stem_stride=2"], {})
+    assert options.parse_into(C.PretrainConfig(), ["--model.stem_stride=2", "--model.cifar_stem=true"],
+                              {}).model.stem_stride == 2
     with pytest.raises(options.ConfigError, match="the architecture is the checkpoint's"):
         options.parse_into(C.FinetuneConfig(), ["--ckpt=a.pt", "--model.depth=18"], {})
     assert options.parse_into(C.FinetuneConfig(), ["--ckpt=none", "--model.depth=18"], {}).model.depth == 18

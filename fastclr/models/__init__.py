@@ -80,6 +80,8 @@ def build_model(
     bn_momentum: float = BN_MOMENTUM,
     device: torch.device | str | None = None,
     tf_maxpool: bool = False,
+    base_channels: int = 64,
+    stem_stride: int = 1,
 ) -> SimCLRModel:
     """SimCLRv2 model. Head hidden width = backbone width (2048 * width for R50+).
 
@@ -87,10 +89,12 @@ def build_model(
     every BN of backbone and head. ``device``: create and initialize the weights there (e.g. "cuda"
     skips a CPU copy of a 795M-parameter model; "meta" allocates nothing).
     ``tf_maxpool``: the stem's max-pool padded as TF pads it (models converted from TF checkpoints).
+    ``base_channels`` / ``stem_stride``: small networks TF does not build (fastclr.models.resnet).
     Presets: ``build_model(**parse_model_name("r152_3x_sk1"))``.
     """
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        backbone = build_backbone(depth, width, sk_ratio, cifar_stem, tf_maxpool=tf_maxpool)
+        backbone = build_backbone(depth, width, sk_ratio, cifar_stem, tf_maxpool=tf_maxpool,
+                                  base_channels=base_channels, stem_stride=stem_stride)
         model = SimCLRModel(backbone, ProjectionHead(backbone.out_dim, num_proj_layers, proj_out_dim))
     if bn_momentum != BN_MOMENTUM:
         for m in model.modules():
@@ -106,7 +110,9 @@ def model_kwargs(m) -> dict:
     if m.name:
         kw.update(parse_model_name(m.name))
     return dict(**kw, cifar_stem=m.cifar_stem, num_proj_layers=m.num_proj_layers, proj_out_dim=m.proj_out_dim,
-                tf_maxpool=m.tf_maxpool)
+                tf_maxpool=m.tf_maxpool, base_channels=m.base_channels,
+                # a preset's stride of the cifar stem means nothing with the ImageNet stem (config: applies)
+                stem_stride=m.stem_stride if m.cifar_stem else 1)
 
 
 def convert_sync_bn(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""SimCLRv2 ResNet backbones: ResNet v1.5, depth 18..200, width 1-3x, optional selective kernels.
+"""SimCLRv2 ResNet backbones: ResNet v1.5, depth 10..200, width 1-3x, optional selective kernels.
 
 Semantic reference: google-research/simclr ``tf2/resnet.py``. What matches it:
 
@@ -22,6 +22,10 @@ Deviations from TF (each also commented where it happens):
   so a width-1 non-SK backbone exports to torchvision bit for bit. ``tf_maxpool=True`` pads as TF
   does (:class:`TFMaxPool3x3`): models converted from the released TF checkpoints use it, so they
   compute what TF computed.
+* Sizes TF does not build, for small images on a CPU budget: depth 10 (one basic block per group),
+  ``base_channels`` other than 64 (the first group's channels; each group doubles them) and
+  ``stem_stride=2`` (the cifar stem's 3x3 conv at stride 2: a quarter of its compute at half the
+  resolution, and still no max-pool). Their defaults (64, 1) build TF's networks.
 * Basic blocks (R18/34) get a projection shortcut only where the shape changes (torchvision's
   rule). TF gives the first block of *every* group one, including a 64->64 1x1 conv in group 1.
   Bottleneck nets are unaffected: their first block always changes the channel count.
@@ -48,6 +52,7 @@ SK_RATIO = 0.0625  # the SimCLRv2 release's "sk1"
 
 # depth -> (block type, blocks per group), as TF's resnet() table.
 DEPTHS: dict[int, tuple[str, list[int]]] = {
+    10: ("basic", [1, 1, 1, 1]),  # not in TF's table (see top)
     18: ("basic", [2, 2, 2, 2]),
     34: ("basic", [3, 4, 6, 3]),
     50: ("bottleneck", [3, 4, 6, 3]),
@@ -237,13 +242,14 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """SimCLRv2 ResNet backbone: images [B, 3, H, W] -> pooled features h [B, out_dim].
 
-    ``out_dim`` = 512 * width (basic blocks) or 2048 * width (bottlenecks). There is no fc layer.
+    ``out_dim`` = 8 * base_channels * width (basic blocks) or 32 * base_channels * width (bottlenecks):
+    512 * width and 2048 * width with the default 64 channels. There is no fc layer.
     Works in channels_last: convert with ``model.to(memory_format=torch.channels_last)`` and feed
     channels_last input.
     """
 
     def __init__(self, depth: int = 50, width: int = 1, sk_ratio: float = 0.0, cifar_stem: bool = False,
-                 tf_maxpool: bool = False):
+                 tf_maxpool: bool = False, base_channels: int = 64, stem_stride: int = 1):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
@@ -251,16 +257,21 @@ class ResNet(nn.Module):
             raise ValueError(f"width must be a positive integer multiplier, got {width}")
         if sk_ratio < 0:
             raise ValueError(f"sk_ratio must be >= 0, got {sk_ratio}")
+        if base_channels < 2 or base_channels % 2:  # the SK stem halves it
+            raise ValueError(f"base_channels must be an even number >= 2, got {base_channels}")
+        if stem_stride not in (1, 2) or (stem_stride != 1 and not cifar_stem):
+            raise ValueError(f"stem_stride must be 1, or 2 with cifar_stem, got {stem_stride}")
         kind, blocks = DEPTHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.depth, self.width, self.sk_ratio, self.cifar_stem = depth, int(width), float(sk_ratio), cifar_stem
         self.tf_maxpool = bool(tf_maxpool) and not cifar_stem
+        self.base_channels, self.stem_stride = int(base_channels), int(stem_stride)
         w = self.width
-        stem_ch = 64 * w
+        stem_ch = self.base_channels * w
 
         self.deep_stem = None
         if cifar_stem:  # TF: used whenever image_size <= 32, with or without SK
-            self.conv1 = conv(3, stem_ch, 3, 1)
+            self.conv1 = conv(3, stem_ch, 3, self.stem_stride)
             self.maxpool = nn.Identity()
         else:
             if sk_ratio > 0:  # TF's SK stem: 3x3/2 (32w) -> 3x3 (32w) -> 3x3 (64w)
@@ -279,7 +290,7 @@ class ResNet(nn.Module):
 
         in_ch = stem_ch
         for i, (n, stride) in enumerate(zip(blocks, (1, 2, 2, 2))):
-            planes = 64 * w * 2**i
+            planes = self.base_channels * w * 2**i
             layers = []
             for j in range(n):
                 layers.append(block(in_ch, planes, stride if j == 0 else 1, sk_ratio))
@@ -297,15 +308,18 @@ class ResNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"depth={self.depth}, width={self.width}x, sk_ratio={self.sk_ratio}, cifar_stem={self.cifar_stem}"
-                + (", tf_maxpool=True" if self.tf_maxpool else ""))
+                + (", tf_maxpool=True" if self.tf_maxpool else "")
+                + (f", base_channels={self.base_channels}" if self.base_channels != 64 else "")
+                + (f", stem_stride={self.stem_stride}" if self.stem_stride != 1 else ""))
 
 
 def build_backbone(depth: int = 50, width: int = 1, sk_ratio: float = 0.0, cifar_stem: bool = False,
-                   device: torch.device | str | None = None, tf_maxpool: bool = False) -> ResNet:
+                   device: torch.device | str | None = None, tf_maxpool: bool = False, base_channels: int = 64,
+                   stem_stride: int = 1) -> ResNet:
     """The backbone alone, created and initialized directly on ``device`` (default: torch's current
     default device). ``device="meta"`` gives shapes only: parameter counts without memory."""
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        return ResNet(depth, width, sk_ratio, cifar_stem, tf_maxpool)
+        return ResNet(depth, width, sk_ratio, cifar_stem, tf_maxpool, base_channels, stem_stride)
 
 
 _NAME = re.compile(r"r(\d+)_(\d+)x_sk([01])")
