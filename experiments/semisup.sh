@@ -98,8 +98,7 @@ if [ "$QUICK" = 1 ]; then
   DI_X=(--run.max_steps=5 --run.eval_every=0)
   LE_X=(--optim.epochs=3 --run.eval_every=0)
 else
-  # demo_cpu stops at 180 steps (the 3-minute demo); here the epochs decide
-  PRE_X=(--optim.epochs="$PRE_EPOCHS" --run.max_steps=none)
+  PRE_X=(--optim.epochs="$PRE_EPOCHS")
   FT_X=(); DI_X=(); LE_X=()
 fi
 FT10_X=()
@@ -117,7 +116,7 @@ if [ -n "${SEMISUP_PRETRAIN:-}" ]; then
   echo "== pretrain: reusing $PRE"
 else
   PRE="$OUT/pretrain"
-  step pretrain "$PRE" pretrain.py demo_cpu --data.path="$DEMO/train" --run.val_path="$DEMO/val" \
+  step pretrain "$PRE" pretrain.py semisup_cpu --data.path="$DEMO/train" --run.val_path="$DEMO/val" \
     --model.depth="$DEPTH" --run.resume=auto "${PRE_X[@]}"
 fi
 
