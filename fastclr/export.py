@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="fastclr checkpoint (dict with 'model' state_dict and 'config'), "
                    "or a bare SimCLRModel / backbone state_dict")
     p.add_argument("out", help="where to write the backbone state_dict (.pt)")
-    g = p.add_argument_group("architecture (read from the checkpoint's config['model']; flags override it)")
+    g = p.add_argument_group("architecture (read from the checkpoint's 'arch' or config['model']; flags override "
+                             "it)")
     g.add_argument("--depth", type=int, default=None, help="10, 18, 34, 50, 101, 152 or 200")
     g.add_argument("--width", type=int, default=None, help="width multiplier 1, 2 or 3 (default 1)")
     g.add_argument("--sk-ratio", dest="sk_ratio", type=float, default=None,
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             config = obj.get("config")
             config = config.get("model") if isinstance(config, dict) else None
             config = config if isinstance(config, dict) else {}
+            # A fine-tuned / distilled / linear-eval checkpoint records the network its weights were built
+            # as in 'arch'; its config['model'] is the preset's when --ckpt or --student_ckpt brought them.
+            if isinstance(obj.get("arch"), dict) and "depth" in obj["arch"]:
+                config = {**obj["arch"], "name": ""}
         elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             state_dict, config = obj, {}
         else:

@@ -48,7 +48,7 @@ PRETRAIN: Dict[str, Preset] = {
         # TF's ImageNet values, not its CIFAR ones (T 0.5, jitter 0.5): on the validation split both
         # lost k-NN points at this scale; lr 1.0 is TF's CIFAR-10 value.
         "loss.temperature": 0.1, "data.jitter_strength": 1.0, "optim.base_lr": 1.0,
-        # 600 steps of 256 (2.56 of the 234 steps of an epoch): the cosine ends there.
+        # 599 steps of 256 (2.56 epochs of 234 steps): the cosine ends there.
         "optim.epochs": 2.56, "run.out_dir": "runs/demo",
         # The online k-NN every quarter epoch, on a small bank: the val panel shows the curve as it trains,
         # for a few percent of its time.

@@ -151,6 +151,27 @@ def test_cli_small_network_saved_as_fastclr_from_its_config(tmp_path, capsys):
     assert torch.load(out, weights_only=True)["layer1.0.conv1.weight"].shape[0] == 64
 
 
+def test_cli_classifier_checkpoint_uses_its_arch_not_the_preset(tmp_path, capsys):
+    """finetune/distill with --ckpt / --student_ckpt record the preset's config['model'] (here R18) while
+    the weights are the checkpoint's network (here a small one): 'arch' says which."""
+    from fastclr.classifier import build_classifier
+    torch.manual_seed(0)
+    arch = dict(depth=10, width=1, sk_ratio=0.0, cifar_stem=True, num_proj_layers=2, proj_out_dim=16,
+                tf_maxpool=False, base_channels=16, stem_stride=2, ft_proj_selector=1)
+    clf = build_classifier(arch, 4)
+    path = tmp_path / "best.pt"
+    torch.save({"model": clf.state_dict(), "arch": {**arch, "num_classes": 4},
+                "config": {"model": {"name": "", "depth": 18, "width": 1, "cifar_stem": False}}}, path)
+    out = tmp_path / "backbone.pt"
+    assert main([str(path), str(out)]) == 0
+    assert "build_backbone(depth=10, width=1, sk_ratio=0.0, cifar_stem=True, base_channels=16" in capsys.readouterr().out
+    loaded = build_backbone(10, cifar_stem=True, base_channels=16, stem_stride=2).eval()
+    loaded.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), clf.backbone.eval()(x))
+
+
 def test_cli_flags_override_config(tmp_path, models, capsys):
     ckpt = save_checkpoint(tmp_path / "c.pt", models[18], depth=34)  # wrong config...
     assert main([ckpt, str(tmp_path / "o.pt")]) == 2
