@@ -16,8 +16,9 @@ from fastclr import checkpoint as ck
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = str(ROOT / "fastclr" / "pretrain.py")
-# 24 images / batch 8 = 3 steps per epoch, 8 epochs; workers on (the demo's 2)
-RUN = ["demo_cpu", "--data.image_size=32", "--data.num_workers=2", "--optim.global_batch_size=8",
+# 24 images / batch 8 = 3 steps per epoch, 8 epochs; workers on (the demo's 2). The R18 recipe, not the
+# demo's smaller network: a second process must find the first one still running.
+RUN = ["semisup_cpu", "--data.image_size=32", "--data.num_workers=2", "--optim.global_batch_size=8",
        "--optim.epochs=8", "--run.max_steps=none", "--optim.warmup_epochs=1", "--run.knn_eval=false",
        "--run.progress=false", "--run.log_every=1", "--run.deterministic=true", "--run.ckpt_every=100"]
 STEPS = 24

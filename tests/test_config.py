@@ -42,7 +42,7 @@ def test_overrides_are_coerced_to_the_declared_type(argv, key, expected):
 def test_later_override_wins_and_preset_applies_first():
     cfg = parse(["demo_cpu", "--data.image_size=64", "--data.image_size=48"])
     assert cfg.data.image_size == 48
-    assert cfg.model.depth == 18 and cfg.data.blur is False and cfg.run.out_dir == "runs/demo"  # from the preset
+    assert cfg.model.depth == 10 and cfg.data.blur is False and cfg.run.out_dir == "runs/demo"  # from the preset
 
 
 @pytest.mark.parametrize("argv, needle", [
