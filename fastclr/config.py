@@ -46,7 +46,6 @@ def _cifar_stem_applies(cfg) -> Optional[str]:
     return why
 
 
-
 @dataclass
 class ModelConfig:
     name: str = option("", "model preset (r50_1x_sk0, r152_3x_sk1, ...): sets depth/width/sk_ratio; empty = use "

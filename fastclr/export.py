@@ -11,9 +11,9 @@ backbone state_dict *is* a torchvision ``resnet{depth}`` state_dict without ``fc
     m.load_state_dict(torch.load("r50_backbone.pt", weights_only=True))
 
 (or keep a classifier: ``m.load_state_dict(sd, strict=False)`` leaves ``fc`` at its random init).
-Anything else (selective kernels, width 2x/3x, cifar_stem, depth 10 or 200, base channels other than 64)
-has no torchvision
-counterpart: the same file then holds a fastclr backbone state_dict, and the CLI prints how to load it.
+Anything else (selective kernels, width 2x/3x, cifar_stem, depth 10 or 200, base channels other than
+64) has no torchvision counterpart: the same file then holds a fastclr backbone state_dict, and the CLI
+prints how to load it.
 """
 from __future__ import annotations
 
@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         "without fc. Load it with:\n"
         "    m = torchvision.models.resnet50(); m.fc = torch.nn.Identity()\n"
         "    m.load_state_dict(torch.load('OUT.pt', weights_only=True))\n"
-        "SK, 2x/3x, cifar_stem, depth-10/200 or other than 64 base channels have no torchvision twin: OUT.pt then holds a fastclr\n"
-        "backbone state_dict, and the command prints the build_backbone(...) call that loads it.",
+        "SK, 2x/3x, cifar_stem, depth-10/200 or other than 64 base channels have no torchvision twin:\n"
+        "OUT.pt then holds a fastclr backbone state_dict, and the command prints the build_backbone(...)\n"
+        "call that loads it.",
         epilog="examples:\n"
         "  python -m fastclr.export runs/r50/ckpt_00500000.pt r50.pt\n"
         "  python -m fastclr.export runs/r152/ckpt_00500000.pt r152_3x_sk1.pt  # fastclr format, see message\n"
