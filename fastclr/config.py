@@ -58,7 +58,7 @@ class ModelConfig:
     stem_stride: int = option(1, "stride of the cifar stem's conv (2: half the resolution after the stem, a quarter "
                               "of the compute)", (1, 2), applies=_cifar_stem_applies)
     base_channels: int = option(64, "channels of the first ResNet group, doubled by each next one and times width "
-                                "(64: the paper's ResNets; 32 or 16: small networks for CPU runs)", ge=2,
+                                "(64: the paper's ResNets; 32 or 16: small networks for CPU runs)", ge=1,
                                 applies=ARCH)
     tf_maxpool: bool = option(False, "pad the stem's max-pool as TF 'SAME' does (0 before, 1 after on even sizes) "
                               "instead of torchvision's (1, 1): set by fastclr.zoo for converted TF models",

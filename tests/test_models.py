@@ -153,8 +153,17 @@ def test_small_networks_channels_blocks_and_resolution(depth, base, stride, side
         conv_weights(getattr(bb, f"layer{i}")) for i in range(1, 5)]
 
 
+def test_odd_base_channels_build_the_sk_stem_too():
+    # The SK stem's first convs have half the stem's channels, rounded down.
+    bb = build_backbone(18, sk_ratio=SK, base_channels=7)
+    assert bb.deep_stem[0].out_channels == 3 and bb.conv1.out_channels == 7 and bb.out_dim == 56
+    with torch.no_grad():
+        assert bb(torch.rand(2, 3, 32, 32)).shape == (2, 56)
+        assert build_backbone(18, sk_ratio=SK, base_channels=1)(torch.rand(2, 3, 32, 32)).shape == (2, 8)
+
+
 def test_bad_arguments_raise():
-    for kwargs in ({"depth": 51}, {"width": 0}, {"sk_ratio": -1.0}, {"base_channels": 7},
+    for kwargs in ({"depth": 51}, {"width": 0}, {"sk_ratio": -1.0}, {"base_channels": 0},
                    {"stem_stride": 2}, {"cifar_stem": True, "stem_stride": 3}):
         with pytest.raises(ValueError):
             build_backbone(**kwargs)

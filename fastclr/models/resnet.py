@@ -257,8 +257,8 @@ class ResNet(nn.Module):
             raise ValueError(f"width must be a positive integer multiplier, got {width}")
         if sk_ratio < 0:
             raise ValueError(f"sk_ratio must be >= 0, got {sk_ratio}")
-        if base_channels < 2 or base_channels % 2:  # the SK stem halves it
-            raise ValueError(f"base_channels must be an even number >= 2, got {base_channels}")
+        if base_channels < 1:
+            raise ValueError(f"base_channels must be >= 1, got {base_channels}")
         if stem_stride not in (1, 2) or (stem_stride != 1 and not cifar_stem):
             raise ValueError(f"stem_stride must be 1, or 2 with cifar_stem, got {stem_stride}")
         kind, blocks = DEPTHS[depth]
@@ -275,11 +275,12 @@ class ResNet(nn.Module):
             self.maxpool = nn.Identity()
         else:
             if sk_ratio > 0:  # TF's SK stem: 3x3/2 (32w) -> 3x3 (32w) -> 3x3 (64w)
+                half = max(stem_ch // 2, 1)
                 self.deep_stem = nn.Sequential(
-                    conv(3, stem_ch // 2, 3, 2), bn(stem_ch // 2), nn.ReLU(inplace=True),
-                    conv(stem_ch // 2, stem_ch // 2, 3, 1), bn(stem_ch // 2), nn.ReLU(inplace=True),
+                    conv(3, half, 3, 2), bn(half), nn.ReLU(inplace=True),
+                    conv(half, half, 3, 1), bn(half), nn.ReLU(inplace=True),
                 )
-                self.conv1 = conv(stem_ch // 2, stem_ch, 3, 1)
+                self.conv1 = conv(half, stem_ch, 3, 1)
             else:
                 self.conv1 = conv(3, stem_ch, 7, 2)
             # Deviation unless tf_maxpool: torchvision's padding (1, 1), not TF 'SAME' (0, 1 on even
